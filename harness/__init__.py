@@ -1,0 +1,3 @@
+"""dlm-harness: benchmark diffusion language models against autoregressive baselines."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+"""Typed specs loaded from YAML: model cards (baselines/), tasks and suites (suites/).
+
+Every file is validated on load; a problem names the file (and line, for malformed YAML).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import HarnessError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUITES_DIR = REPO_ROOT / "suites"
+BASELINES_DIR = REPO_ROOT / "baselines"
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    format: str = "harness"
+    kind: str = "shifted"  # shifted (AR-adapted) | unshifted (trained as a DLM)
+    mask_id: int | None = None
+    estimator: str = "mc_time"
+    sampler: str = "llada"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    backend: str  # hf_ar | diffusion
+    weights: dict[str, Any]
+    description: str = ""
+    dtype: str = "float32"
+    parameters: int | None = None
+    diffusion: DiffusionSpec | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    builder: str  # "module:attr" of the Task class
+    description: str = ""
+    data: dict[str, Any] = field(default_factory=dict)  # local file(s) under the data dir
+    hub: dict[str, Any] = field(default_factory=dict)  # the same data on the Hugging Face hub
+    options: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    name: str
+    tasks: tuple[str, ...]
+    description: str = ""
+    limit: int | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    kind: str = "eval"  # eval | throughput
+    options: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Parse one YAML mapping; malformed files raise a HarnessError naming file and line."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise HarnessError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise HarnessError(f"{where}: malformed YAML: {problem}") from exc
+    if not isinstance(data, dict):
+        raise HarnessError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def build(cls: type, data: dict[str, Any], path: Path) -> Any:
+    """Instantiate a spec dataclass, rejecting unknown and missing keys with a clear message."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise HarnessError(f"{path}: unknown key(s) {', '.join(unknown)} for a {cls.__name__} "
+                           f"(allowed: {', '.join(k for k in fields if k != 'path')})")
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and n not in data]
+    if required:
+        raise HarnessError(f"{path}: missing required key(s) {', '.join(required)}")
+    try:
+        return cls(**data, path=str(path))
+    except TypeError as exc:
+        raise HarnessError(f"{path}: {exc}") from exc
+
+
+def load_model_card(path: Path) -> ModelCard:
+    data = read_yaml(path)
+    if isinstance(data.get("diffusion"), dict):
+        data["diffusion"] = _diffusion_spec(data["diffusion"], path)
+    card = build(ModelCard, data, path)
+    if card.backend not in ("hf_ar", "diffusion"):
+        raise HarnessError(f"{path}: backend must be hf_ar or diffusion, not '{card.backend}'")
+    if card.backend == "diffusion" and (card.diffusion is None or card.diffusion.mask_id is None):
+        raise HarnessError(f"{path}: a diffusion model card needs diffusion.mask_id")
+    return card
+
+
+def _diffusion_spec(data: dict[str, Any], path: Path) -> DiffusionSpec:
+    names = {f.name for f in dataclasses.fields(DiffusionSpec)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise HarnessError(f"{path}: unknown diffusion key(s) {', '.join(unknown)}")
+    spec = DiffusionSpec(**data)
+    if spec.kind not in ("shifted", "unshifted"):
+        raise HarnessError(f"{path}: diffusion.kind must be shifted or unshifted, not '{spec.kind}'")
+    return spec
+
+
+def load_task_spec(path: Path) -> TaskSpec:
+    return build(TaskSpec, read_yaml(path), path)
+
+
+def load_suite_spec(path: Path) -> SuiteSpec:
+    data = read_yaml(path)
+    if isinstance(data.get("tasks"), list):
+        data["tasks"] = tuple(data["tasks"])
+    return build(SuiteSpec, data, path)

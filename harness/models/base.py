@@ -1,0 +1,105 @@
+"""The scorer interface: every backend (AR or diffusion) answers these three kinds of request.
+
+It follows lm-eval's ``LM`` API where it fits: ``loglikelihood`` takes (context, continuation)
+pairs and returns (logprob, is_greedy); ``generate_until`` is ``generate`` here and ``infill``
+is new (prefix, suffix, number of tokens to fill).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True)
+class LoglikelihoodRequest:
+    """Score ``continuation`` given ``context``. ``group`` ties the choices of one question."""
+
+    context: str
+    continuation: str
+    group: str = ""
+
+
+@dataclass
+class LoglikelihoodResult:
+    logprob: float
+    is_greedy: bool
+    n_tokens: int
+    stderr: float | None = None  # Monte Carlo estimators report one; exact scorers leave None
+
+
+@dataclass(frozen=True)
+class RollingRequest:
+    """Score a whole text (perplexity); the backend picks windows and reports a bound or exact value."""
+
+    text: str
+
+
+@dataclass
+class RollingResult:
+    logprob: float
+    n_tokens: int
+    exact: bool  # False where the value is a bound (a diffusion ELBO)
+    stderr: float | None = None
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    context: str
+    max_tokens: int
+    until: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InfillRequest:
+    prefix: str
+    suffix: str
+    n_tokens: int
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    n_tokens: int  # generated, non-padding tokens
+    nfe: int  # forward passes spent
+    latency_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LanguageModel(ABC):
+    """One backend behind one interface. ``fingerprint`` says what produced a number."""
+
+    name: str = "model"
+    is_diffusion: bool = False
+    seed: int = 1234  # the runner sets it; stochastic scorers derive per-request seeds from it
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """Weights, dtype, device, batch size and estimator/sampler settings, JSON-serialisable."""
+
+    @abstractmethod
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
+        ...
+
+    def loglikelihood_rolling(self, requests: Sequence[RollingRequest]) -> list[RollingResult]:
+        raise NotImplementedError(f"{type(self).__name__} does not score whole texts")
+
+    @abstractmethod
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerationResult]:
+        ...
+
+    @abstractmethod
+    def infill(self, requests: Sequence[InfillRequest]) -> list[GenerationResult]:
+        ...
+
+
+def truncate_at_stops(text: str, until: Sequence[str]) -> str:
+    """Cut ``text`` at the first stop sequence it contains."""
+    cut = len(text)
+    for stop in until:
+        if stop:
+            at = text.find(stop)
+            if at != -1:
+                cut = min(cut, at)
+    return text[:cut]

@@ -1,0 +1,1 @@
+"""Masked-diffusion likelihood estimators and samplers over a denoiser callable."""

@@ -1,0 +1,74 @@
+"""Build a scorer from a model-card name, a checkpoint directory or a hub id, plus --model-args."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.config import DiffusionSpec, ModelCard
+from harness.errors import HarnessError, unknown_name
+from harness.models.base import LanguageModel
+
+DIFFUSION_CONFIG = "diffusion_config.json"
+
+
+def parse_model_args(text: str | None) -> dict[str, Any]:
+    """``k=v,k2=v2`` with ints, floats and booleans converted."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise HarnessError(f"--model-args expects key=value pairs separated by commas, got '{part}'")
+        out[key.strip()] = convert(value.strip())
+    return out
+
+
+def convert(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def resolve_card(name_or_path: str) -> ModelCard:
+    """A registered card, or an ad-hoc card for a local directory or a hub id."""
+    from harness.catalog import catalog
+
+    models = catalog().models
+    if name_or_path in models:
+        return models.get(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if (path / DIFFUSION_CONFIG).exists():
+            import json
+
+            config = json.loads((path / DIFFUSION_CONFIG).read_text())
+            spec = DiffusionSpec(format="harness", kind=config.get("kind", "shifted"),
+                                 mask_id=config.get("mask_token_id"))
+            return ModelCard(name=path.name, backend="diffusion", weights={"path": str(path)}, diffusion=spec)
+        return ModelCard(name=path.name, backend="hf_ar", weights={"path": str(path)})
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+        return ModelCard(name=name_or_path, backend="hf_ar", weights={"hub": name_or_path})
+    raise unknown_name("model", name_or_path, models.names())
+
+
+def build_model(name_or_path: str, *, device: str = "cpu", dtype: str | None = None,
+                batch_size: int | str = 16, model_args: dict[str, Any] | None = None) -> LanguageModel:
+    card = resolve_card(name_or_path)
+    args = {**card.defaults, **(model_args or {})}
+    dtype = dtype or card.dtype
+    if card.backend == "hf_ar":
+        from harness.models.hf_ar import HFCausalLM
+        from harness.models.loading import load_causal_lm, resolve_weights
+
+        weights = resolve_weights(card.weights)
+        model, tokenizer = load_causal_lm(weights, dtype=dtype, device=device)
+        return HFCausalLM(model, tokenizer, name=card.name, weights=weights, dtype=dtype, device=device,
+                          batch_size=batch_size, **args)
+    from harness.models.diffusion.backend import DiffusionLM
+
+    return DiffusionLM.from_card(card, device=device, dtype=dtype, batch_size=batch_size, **args)

@@ -1,0 +1,204 @@
+"""Autoregressive backend over any Hugging Face causal LM.
+
+Log-likelihood follows lm-eval's tokenisation (context encoded alone, continuation = the tail of
+the encoded concatenation) so numbers match lm-eval's HF backend. Requests that share a context
+(the choices of one question) are packed into one row: the context once, then each continuation
+as its own branch, under a tree-shaped 4-D attention mask with restarted position ids. The head
+is applied only at the positions that are scored.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from harness.models.base import (GenerateRequest, GenerationResult, InfillRequest, LanguageModel,
+                                 LoglikelihoodRequest, LoglikelihoodResult, RollingRequest,
+                                 RollingResult, truncate_at_stops)
+from harness.models.batching import AutoBatch
+
+
+@dataclass
+class PackedRow:
+    context: list[int]
+    branches: list[tuple[int, list[int]]]  # (request index, continuation ids)
+
+    @property
+    def length(self) -> int:
+        return len(self.context) + sum(len(b) for _, b in self.branches)
+
+
+class HFCausalLM(LanguageModel):
+    def __init__(self, model, tokenizer, *, name: str, weights: str, dtype: str = "float32",
+                 device: str = "cpu", batch_size: int | str = 16, infill_mode: str = "prefix",
+                 max_length: int | None = None, **unused: Any):
+        if unused:
+            from harness.errors import HarnessError
+            raise HarnessError(f"unknown model argument(s) for an AR model: {', '.join(sorted(unused))}")
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.weights, self.dtype, self.device = weights, dtype, device
+        self.batch = AutoBatch(batch_size)
+        if infill_mode not in ("prefix", "reorder"):
+            from harness.errors import HarnessError
+            raise HarnessError(f"infill_mode must be prefix or reorder, not '{infill_mode}'")
+        self.infill_mode = infill_mode
+        config = model.config
+        self.max_length = max_length or getattr(config, "max_position_embeddings", None) or 2048
+        self.prefix_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return {"backend": "hf_ar", "name": self.name, "weights": self.weights, "dtype": self.dtype,
+                "device": self.device, "batch_size": self.batch.describe(), "infill_mode": self.infill_mode,
+                "max_length": self.max_length}
+
+    # ---- tokenisation -------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split: trailing spaces of the context move to the continuation."""
+        spaces = len(context) - len(context.rstrip(" "))
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if not context:
+            return [self.prefix_token], self.encode(continuation)
+        whole = self.encode(context + continuation)
+        context_ids = self.encode(context)
+        return context_ids, whole[len(context_ids):]
+
+    # ---- log-likelihood -----------------------------------------------------------------
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
+        rows = self.pack([self.encode_pair(r.context, r.continuation) for r in requests])
+        results: list[LoglikelihoodResult | None] = [None] * len(requests)
+        rows.sort(key=lambda row: -row.length)
+        for index, logprob, greedy, n in self.batch.run(rows, self.score_rows, weight=lambda row: len(row.branches)):
+            results[index] = LoglikelihoodResult(logprob=logprob, is_greedy=greedy, n_tokens=n)
+        return results  # type: ignore[return-value]
+
+    def pack(self, pairs: list[tuple[list[int], list[int]]]) -> list[PackedRow]:
+        """Group continuations by identical context; truncate from the left like lm-eval."""
+        rows: dict[tuple[int, ...], PackedRow] = {}
+        singles: list[PackedRow] = []
+        for index, (context, continuation) in enumerate(pairs):
+            if len(context) + len(continuation) > self.max_length + 1:
+                keep = (context + continuation)[-(self.max_length + 1):]
+                context, continuation = keep[:-len(continuation)], continuation
+                singles.append(PackedRow(context, [(index, continuation)]))
+                continue
+            row = rows.setdefault(tuple(context), PackedRow(context, []))
+            if row.length + len(continuation) > self.max_length + 1:
+                singles.append(PackedRow(context, [(index, continuation)]))
+            else:
+                row.branches.append((index, continuation))
+        return [r for r in rows.values() if r.branches] + singles
+
+    @torch.no_grad()
+    def score_rows(self, rows: list[PackedRow]) -> list[tuple[int, float, bool, int]]:
+        """(request index, logprob, is_greedy, n_tokens) for every branch of every row."""
+        layouts = []
+        for row in rows:
+            # The model reads the context and each branch but the branch's last token; the
+            # prediction for a branch's token j sits at its predecessor's position.
+            tokens, positions, owner = list(row.context), list(range(len(row.context))), [-1] * len(row.context)
+            targets = []
+            for b, (index, cont) in enumerate(row.branches):
+                start = len(tokens)
+                tokens += cont[:-1]
+                positions += range(len(row.context), len(row.context) + len(cont) - 1)
+                owner += [b] * (len(cont) - 1)
+                predictors = [len(row.context) - 1] + list(range(start, start + len(cont) - 1))
+                targets.append((index, predictors, cont))
+            layouts.append((tokens, positions, owner, targets))
+        width = max(len(t) for t, *_ in layouts)
+        batch = len(layouts)
+        input_ids = torch.full((batch, width), self.prefix_token or 0, dtype=torch.long)
+        position_ids = torch.zeros((batch, width), dtype=torch.long)
+        allowed = torch.zeros((batch, width, width), dtype=torch.bool)
+        for i, (tokens, positions, owner, _) in enumerate(layouts):
+            n = len(tokens)
+            input_ids[i, :n] = torch.tensor(tokens)
+            position_ids[i, :n] = torch.tensor(positions)
+            own = torch.tensor(owner)
+            causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+            same_branch = (own[:, None] == own[None, :]) | (own[None, :] == -1)
+            allowed[i, :n, :n] = causal & same_branch
+            allowed[i, n:, 0] = True  # padding queries look at one key, so no row is empty
+        hidden = self.hidden_states(input_ids, position_ids, allowed)
+        scored = []
+        for i, (_, _, _, targets) in enumerate(layouts):
+            for index, predictors, cont in targets:
+                logits = self.head(hidden[i, predictors]).float()
+                logprobs = torch.log_softmax(logits, dim=-1)
+                target = torch.tensor(cont)
+                picked = logprobs.gather(-1, target[:, None]).squeeze(-1)
+                greedy = bool((logprobs.argmax(-1) == target).all())
+                scored.append((index, float(picked.sum()), greedy, len(cont)))
+        return scored
+
+    def hidden_states(self, input_ids, position_ids, allowed):
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        out = self.model.base_model(input_ids=input_ids.to(self.device), attention_mask=mask[:, None].to(self.device),
+                                    position_ids=position_ids.to(self.device), use_cache=False)
+        return out.last_hidden_state
+
+    def head(self, hidden):
+        return self.model.get_output_embeddings()(hidden)
+
+    def loglikelihood_rolling(self, requests: Sequence[RollingRequest]) -> list[RollingResult]:
+        """Exact log-likelihood of whole texts in disjoint windows of max_length (lm-eval's rolling)."""
+        results = []
+        for request in requests:
+            ids = self.encode(request.text)
+            total, tokens = 0.0, 0
+            pairs = []
+            for start in range(0, len(ids), self.max_length):
+                window = ids[start:start + self.max_length]
+                context = ids[max(0, start - 1):start] if start else [self.prefix_token]
+                pairs.append((context, window))
+            rows = [PackedRow(c, [(i, w)]) for i, (c, w) in enumerate(pairs)]
+            for _, logprob, _, n in self.batch.run(rows, self.score_rows, weight=lambda row: 1):
+                total, tokens = total + logprob, tokens + n
+            results.append(RollingResult(logprob=total, n_tokens=tokens, exact=True))
+        return results
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerationResult]:
+        return [self._generate_one(r.context, r.max_tokens, r.until) for r in requests]
+
+    def infill(self, requests: Sequence[InfillRequest]) -> list[GenerationResult]:
+        """AR infilling: the prefix alone, or lm-eval's suffix-then-prefix re-ordering."""
+        out = []
+        for r in requests:
+            context = r.prefix if self.infill_mode == "prefix" else f"{r.suffix}\n\n{r.prefix}"
+            result = self._generate_one(context, r.n_tokens, (), exact_tokens=True)
+            result.extra["infill_mode"] = self.infill_mode
+            out.append(result)
+        return out
+
+    @torch.no_grad()
+    def _generate_one(self, context: str, max_tokens: int, until: Sequence[str],
+                      exact_tokens: bool = False) -> GenerationResult:
+        ids = self.encode(context) or [self.prefix_token]
+        ids = ids[-(self.max_length - max_tokens):] if max_tokens < self.max_length else ids[-1:]
+        input_ids = torch.tensor([ids], device=self.device)
+        start = time.perf_counter()
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_tokens, do_sample=False,
+                                      attention_mask=torch.ones_like(input_ids),
+                                      pad_token_id=self.tokenizer.eos_token_id)
+        if exact_tokens:
+            kwargs["min_new_tokens"] = max_tokens
+        if until:
+            kwargs["stop_strings"], kwargs["tokenizer"] = list(until), self.tokenizer
+        output = self.model.generate(input_ids, **kwargs)[0, len(ids):].tolist()
+        latency = time.perf_counter() - start
+        eos = self.tokenizer.eos_token_id
+        if not exact_tokens and eos in output:
+            output = output[:output.index(eos)]
+        text = truncate_at_stops(self.tokenizer.decode(output, skip_special_tokens=True), until)
+        return GenerationResult(text=text, n_tokens=len(output), nfe=len(output), latency_s=latency)
+

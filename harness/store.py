@@ -1,0 +1,188 @@
+"""The results store: an embedded SQLite database plus lm-eval-style files per run.
+
+Records are written per batch of documents in one transaction, so a run killed at any point
+keeps everything it finished and a restart with the same command recomputes nothing stored.
+WAL mode and a busy timeout let several runs write to one store at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from harness.errors import HarnessError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    status TEXT NOT NULL,                 -- running | complete
+    kind TEXT NOT NULL DEFAULT 'eval',    -- eval | throughput
+    model TEXT NOT NULL,
+    config TEXT NOT NULL,                 -- JSON: the command's settings (identity of the run)
+    model_fingerprint TEXT NOT NULL,      -- JSON
+    env TEXT NOT NULL,                    -- JSON: versions, git sha, hardware
+    output_dir TEXT
+);
+CREATE TABLE IF NOT EXISTS task_results (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    task TEXT NOT NULL,
+    task_hash TEXT NOT NULL,
+    prompt_hash TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    metrics TEXT NOT NULL,                -- JSON: {metric: value, metric_stderr: value}
+    settings TEXT NOT NULL,               -- JSON
+    PRIMARY KEY (run_id, task)
+);
+CREATE TABLE IF NOT EXISTS records (
+    run_id TEXT NOT NULL,
+    task TEXT NOT NULL,
+    doc_id INTEGER NOT NULL,
+    metrics TEXT NOT NULL,                -- JSON: per-example metrics
+    record TEXT NOT NULL,                 -- JSON: the sample line
+    PRIMARY KEY (run_id, task, doc_id)
+);
+CREATE TABLE IF NOT EXISTS measurements (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    record TEXT NOT NULL,                 -- JSON: one throughput/latency measurement
+    PRIMARY KEY (run_id, seq)
+);
+"""
+
+
+def default_store_path(output_dir: Path) -> Path:
+    return Path(os.environ.get("HARNESS_STORE") or output_dir / "store.sqlite")
+
+
+class Store:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise HarnessError(f"store path '{self.path}' is a directory; give a file name")
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise HarnessError(f"store folder '{self.path.parent}' is a file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA busy_timeout=60000")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise HarnessError(f"'{self.path}' is not a harness store ({exc})") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        for attempt in range(50):
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 49:
+                    raise
+                time.sleep(0.1)
+        try:
+            yield self.db
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    # ---- runs ------------------------------------------------------------------------------
+    def start_run(self, run_id: str, *, model: str, config: dict, fingerprint: dict, env: dict,
+                  output_dir: str, kind: str = "eval") -> bool:
+        """Create the run, or mark an existing one running again; True when it already existed."""
+        now = time.time()
+        with self.transaction() as db:
+            existed = db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone() is not None
+            if existed:
+                db.execute("UPDATE runs SET status='running', updated_at=?, env=?, model_fingerprint=? WHERE run_id=?",
+                           (now, json.dumps(env), json.dumps(fingerprint), run_id))
+            else:
+                db.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?)",
+                           (run_id, now, now, "running", kind, model, json.dumps(config),
+                            json.dumps(fingerprint), json.dumps(env), output_dir))
+        return existed
+
+    def finish_run(self, run_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET status='complete', updated_at=? WHERE run_id=?", (time.time(), run_id))
+
+    def runs(self, kind: str | None = None) -> list[dict[str, Any]]:
+        query = "SELECT * FROM runs" + (" WHERE kind=?" if kind else "") + " ORDER BY created_at"
+        cursor = self.db.execute(query, (kind,) if kind else ())
+        columns = [c[0] for c in cursor.description]
+        rows = []
+        for values in cursor.fetchall():
+            row = dict(zip(columns, values))
+            for key in ("config", "model_fingerprint", "env"):
+                row[key] = json.loads(row[key])
+            rows.append(row)
+        return rows
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        matches = [r for r in self.runs() if r["run_id"] == run_id or r["run_id"].startswith(run_id)]
+        if len(matches) != 1:
+            known = ", ".join(r["run_id"][:12] for r in self.runs()[-10:]) or "none"
+            what = "no run" if not matches else f"{len(matches)} runs"
+            raise HarnessError(f"{what} matching '{run_id}' in {self.path} (recent: {known})")
+        return matches[0]
+
+    # ---- per-example records ------------------------------------------------------------------
+    def done_docs(self, run_id: str, task: str) -> set[int]:
+        rows = self.db.execute("SELECT doc_id FROM records WHERE run_id=? AND task=?", (run_id, task))
+        return {r[0] for r in rows}
+
+    def add_records(self, run_id: str, task: str, items: list[tuple[int, dict, dict]]) -> None:
+        """Append (doc_id, metrics, record) rows in one transaction; rows already stored are kept."""
+        with self.transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?)",
+                           [(run_id, task, doc_id, json.dumps(m), json.dumps(r)) for doc_id, m, r in items])
+
+    def records(self, run_id: str, task: str) -> list[tuple[int, dict, dict]]:
+        rows = self.db.execute("SELECT doc_id, metrics, record FROM records WHERE run_id=? AND task=? "
+                               "ORDER BY doc_id", (run_id, task))
+        return [(d, json.loads(m), json.loads(r)) for d, m, r in rows]
+
+    def set_task_result(self, run_id: str, task: str, *, task_hash: str, prompt_hash: str, n: int,
+                        metrics: dict, settings: dict) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO task_results VALUES (?,?,?,?,?,?,?)",
+                       (run_id, task, task_hash, prompt_hash, n, json.dumps(metrics), json.dumps(settings)))
+
+    def task_results(self, run_id: str) -> dict[str, dict[str, Any]]:
+        rows = self.db.execute("SELECT task, task_hash, prompt_hash, n, metrics, settings FROM task_results "
+                               "WHERE run_id=? ORDER BY task", (run_id,))
+        return {t: {"task_hash": th, "prompt_hash": ph, "n": n, "metrics": json.loads(m),
+                    "settings": json.loads(s)} for t, th, ph, n, m, s in rows}
+
+    # ---- throughput measurements ------------------------------------------------------------
+    def add_measurement(self, run_id: str, record: dict) -> None:
+        with self.transaction() as db:
+            (seq,) = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM measurements WHERE run_id=?",
+                                (run_id,)).fetchone()
+            db.execute("INSERT INTO measurements VALUES (?,?,?)", (run_id, seq, json.dumps(record)))
+
+    def measurements(self, run_id: str) -> list[dict]:
+        rows = self.db.execute("SELECT record FROM measurements WHERE run_id=? ORDER BY seq", (run_id,))
+        return [json.loads(r[0]) for r in rows]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)

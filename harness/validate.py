@@ -1,0 +1,69 @@
+"""Cross-check the harness's AR scoring against lm-eval's own HF backend on the same requests.
+
+Both sides receive the same (context, continuation) pairs built by the harness's tasks; lm-eval's
+``HFLM.loglikelihood`` scores them with its own tokenisation, batching and truncation. The check
+passes when every per-request log-likelihood agrees within the tolerance and the accuracies match.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.catalog import catalog
+from harness.errors import HarnessError
+from harness.models.base import LoglikelihoodResult
+from harness.models.factory import resolve_card
+
+
+def lm_eval_loglikelihoods(weights: str, requests, batch_size: int, dtype: str) -> list[LoglikelihoodResult]:
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:
+        raise HarnessError("validation needs lm-eval: pip install 'dlm-harness[eval]'") from exc
+    lm = HFLM(pretrained=weights, batch_size=batch_size, device="cpu", dtype=dtype)
+    instances = [Instance(request_type="loglikelihood", doc={}, arguments=(r.context, r.continuation), idx=i)
+                 for i, r in enumerate(requests)]
+    return [LoglikelihoodResult(logprob=float(ll), is_greedy=bool(g), n_tokens=0)
+            for ll, g in lm.loglikelihood(instances, disable_tqdm=True)]
+
+
+def validate_against_lm_eval(model: str, tasks: list[str], *, limit: int | None, batch_size: int,
+                             data_dir: Path | None, tolerance: float, console: Console) -> bool:
+    from harness.models.factory import build_model
+    from harness.models.loading import resolve_weights
+
+    card = resolve_card(model)
+    if card.backend != "hf_ar":
+        raise HarnessError(f"'{model}' is a diffusion model; lm-eval's HF backend scores AR models only")
+    task_objs = [catalog().task(name, data_dir) for name in tasks]
+    ours_model = build_model(model, batch_size=batch_size)
+    table = Table(title=f"harness vs lm-eval HFLM — {model}")
+    for column in ("task", "requests", "max |Δ loglik|", "acc (harness)", "acc (lm-eval)", "greedy agree", "verdict"):
+        table.add_column(column)
+    all_ok = True
+    weights = resolve_weights(card.weights)
+    for task in task_objs:
+        docs = task.docs()[:limit] if limit else task.docs()
+        per_doc = [task.requests(d) for d in docs]
+        flat = [r for reqs in per_doc for r in reqs]
+        ours = ours_model.loglikelihood(flat)
+        theirs = lm_eval_loglikelihoods(weights, flat, batch_size, card.dtype)
+        delta = max(abs(a.logprob - b.logprob) for a, b in zip(ours, theirs))
+        greedy = sum(a.is_greedy == b.is_greedy for a, b in zip(ours, theirs)) / len(flat)
+        acc = {}
+        for side, results in (("ours", ours), ("theirs", theirs)):
+            scores, offset = [], 0
+            for doc, reqs in zip(docs, per_doc):
+                metrics, _ = task.process(doc, results[offset:offset + len(reqs)])
+                scores.append(metrics["acc"])
+                offset += len(reqs)
+            acc[side] = sum(scores) / len(scores)
+        ok = delta <= tolerance and acc["ours"] == acc["theirs"]
+        all_ok &= ok
+        table.add_row(task.name, str(len(flat)), f"{delta:.2e}", f"{acc['ours']:.4f}", f"{acc['theirs']:.4f}",
+                      f"{greedy:.3f}", "[green]pass[/]" if ok else "[red]FAIL[/]")
+    console.print(table)
+    return all_ok

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny randomly initialised models and a tiny byte-level tokenizer, built in seconds."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("HARNESS_DATA_DIR", REPO.parent / "shared" / "data"))
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: How do I boil an egg?\nAnswer: Put it in boiling water for ten minutes.",
+    "Sarah was a much better surgeon than Maria so she always got the harder cases.",
+    "def add(a, b):\n    return a + b\n",
+    "In my palm is a clear stone, and inside it is a small ivory statuette.",
+]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def build_tiny_model(arch: str, vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             tie_word_embeddings=False)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512)
+        model = GPT2LMHeadModel(config)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny causal LM directory (Llama and GPT-2 variants)."""
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    build_tiny_model(request.param, len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model("llama", len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"evaluation data not found at {DATA_DIR} (set HARNESS_DATA_DIR)")
+    return DATA_DIR
