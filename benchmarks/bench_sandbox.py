@@ -33,8 +33,8 @@ def load_programs(limit: int | None) -> tuple[list[str], list[str]]:
     data_dir = Path(os.environ.get("HARNESS_DATA_DIR", REPO.parent / "shared" / "data"))
     with gzip.open(data_dir / DATA, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f][:limit]
-    programs = [r["prompt"] + r["canonical_solution"] + r["suffix"] + "\n" + r["test"] + f"\ncheck({r['entry_point']})\n"
-                for r in rows]
+    programs = [r["prompt"] + r["canonical_solution"] + r["suffix"] + "\n" + r["test"]
+                + f"\ncheck({r['entry_point']})\n" for r in rows]
     return [r["task_id"] for r in rows], programs
 
 
@@ -68,7 +68,8 @@ def main() -> int:
     bare_isolated = time_bare([sys.executable, "-I", "-S", "-c", "pass"], n_bare, args.workers)
     print(f"sandboxed HumanEval: {1 / per_exec:.1f} exec/s ({per_exec * 1e3:.1f} ms each)")
     print(f"bare `python -c pass`: {1 / bare:.1f} exec/s; sandbox/bare = {per_exec / bare:.2f}x")
-    print(f"bare `python -I -S -c pass`: {1 / bare_isolated:.1f} exec/s; sandbox/bare = {per_exec / bare_isolated:.2f}x")
+    print(f"bare `python -I -S -c pass`: {1 / bare_isolated:.1f} exec/s; "
+          f"sandbox/bare = {per_exec / bare_isolated:.2f}x")
     print(f"{len(programs) - len(failures)}/{len(programs)} passed")
     return 1 if failures else 0
 

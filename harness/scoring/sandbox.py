@@ -24,11 +24,12 @@ working directory, hides the non-world-traversable ancestor of the interpreter (
 behind an empty tmpfs, then drops to a throwaway uid with no groups, no capabilities and
 no_new_privs. So the program cannot write or delete anything outside its working directory, can
 read only world-readable files, cannot signal the harness, and ``RLIMIT_NPROC`` (which root
-ignores) caps fork bombs; ``/dev/shm`` is read-only too, so ``multiprocessing`` locks fail. Not root but user namespaces allowed: the same namespaces inside a user
-namespace, but the program keeps the caller's file access. Without namespaces: only rlimits,
-process-group kill and the throwaway directory; the network is reachable and
-``os.kill(-1, 9)`` would hit the caller's processes. Never: a memory cap on the process tree as a
-whole (only ``RLIMIT_AS`` per process), CPU or disk I/O throttling, or protection from kernel bugs.
+ignores) caps fork bombs; ``/dev/shm`` is read-only too, so ``multiprocessing`` locks fail. Not
+root but user namespaces allowed: the same namespaces inside a user namespace, but the program
+keeps the caller's file access. Without namespaces: only rlimits, process-group kill and the
+throwaway directory; the network is reachable and ``os.kill(-1, 9)`` would hit the caller's
+processes. Never: a memory cap on the process tree as a whole (only ``RLIMIT_AS`` per process),
+CPU or disk I/O throttling, or protection from kernel bugs.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def _confine(workdir, uid, file_bytes, source):
         return ret
 
     def syscall(nr, *args):  # open_tree 428, move_mount 429, mount_setattr 442
-        return check(libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) if isinstance(a, int) else a for a in args)))
+        args = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+        return check(libc.syscall(ctypes.c_long(nr), *args))
 
     def mount(source, target, fstype, flags, data):
         check(libc.mount(source, target.encode(), fstype, ctypes.c_ulong(flags), data))
@@ -80,6 +82,7 @@ def _confine(workdir, uid, file_bytes, source):
             mount(b"tmpfs", hidden, b"tmpfs", 0, b"mode=755")
             os.makedirs(prefix)
             syscall(429, tree, b"", at_fdcwd, prefix.encode(), 4)  # MOVE_MOUNT_F_EMPTY_PATH
+            os.close(tree)
             break
     readonly = (ctypes.c_uint64 * 4)(0x1 | 0x2, 0, 0, 0)  # MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
     syscall(442, at_fdcwd, b"/", at_recursive, readonly, 32)

@@ -1,0 +1,172 @@
+"""Masked-diffusion backend: a full-attention denoiser behind the same scorer interface as AR models.
+
+The denoiser's logits are aligned so that position i predicts token i for both families (the
+shifted, AR-adapted models have their logits moved one place right). Log-likelihoods come from a
+selectable estimator, generation and infilling from a selectable sampler; every setting is in the
+fingerprint. Tokenisation of (context, continuation) pairs is lm-eval's, as for AR models.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any, Sequence
+
+import torch
+
+from harness.config import ModelCard
+from harness.errors import HarnessError
+from harness.models.base import (GenerateRequest, GenerationResult, InfillRequest, LanguageModel,
+                                 LoglikelihoodRequest, LoglikelihoodResult, RollingRequest, RollingResult,
+                                 truncate_at_stops)
+from harness.models.batching import parse_batch_size
+from harness.models.diffusion.estimators import METHODS, LikelihoodRequest, estimate
+from harness.models.diffusion.formats import Denoiser, load_denoiser
+from harness.models.diffusion.samplers import SAMPLERS, FillRequest
+from harness.tasks.base import stable_hash
+
+ESTIMATOR_SETTINGS = ("samples", "eps", "cfg_scale")
+SAMPLER_SETTINGS = ("steps", "block_length", "temperature", "top_p", "threshold", "remasking", "cfg_scale")
+
+
+class DiffusionLM(LanguageModel):
+    is_diffusion = True
+
+    def __init__(self, denoiser: Denoiser, *, name: str, dtype: str = "float32", device: str = "cpu",
+                 batch_size: int | str = 16, estimator: str = "mc_time", samples: int = 32, eps: float = 1e-3,
+                 cfg_scale: float = 0.0, sampler: str = "llada", steps: int | None = None,
+                 block_length: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 threshold: float = 0.9, remasking: str = "low_confidence"):
+        if estimator not in METHODS:
+            raise HarnessError(f"unknown estimator '{estimator}' (known: {', '.join(METHODS)})")
+        if sampler not in SAMPLERS:
+            raise HarnessError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
+        size, auto = parse_batch_size(batch_size)
+        self.rows_per_call = size
+        self.denoiser, self.name, self.dtype, self.device = denoiser, name, dtype, device
+        self.tokenizer = denoiser.tokenizer
+        self.estimator = {"method": estimator, "samples": int(samples), "eps": float(eps), "cfg_scale": float(cfg_scale)}
+        self.sampler = {"name": sampler, "steps": steps, "block_length": block_length, "temperature": float(temperature),
+                        "top_p": float(top_p), "threshold": float(threshold), "remasking": remasking,
+                        "cfg_scale": float(cfg_scale)}
+        bos = self.tokenizer.bos_token_id
+        self.prefix_token = bos if bos is not None else self.tokenizer.eos_token_id
+        self.forward_passes = 0
+
+    @classmethod
+    def from_card(cls, card: ModelCard, *, device: str, dtype: str, batch_size: int | str, **args: Any) -> "DiffusionLM":
+        spec = card.diffusion
+        load_args = {k: args.pop(k) for k in ("format", "mask_id", "tokenizer", "config") if k in args}
+        source = card.weights.get("path") or card.weights.get("hub")
+        if source is None:
+            raise HarnessError(f"diffusion model '{card.name}' needs weights.path or weights.hub")
+        denoiser = load_denoiser(source, load_args.pop("format", spec.format if spec else None), dtype=dtype,
+                                 device=device, mask_id=load_args.pop("mask_id", spec.mask_id if spec else None),
+                                 **load_args)
+        if spec is not None and denoiser.shifted != (spec.kind == "shifted"):
+            raise HarnessError(f"card '{card.name}' says {spec.kind} but the {denoiser.format} checkpoint is "
+                               f"{'shifted' if denoiser.shifted else 'unshifted'}")
+        args.setdefault("estimator", spec.estimator if spec else "mc_time")
+        args.setdefault("sampler", spec.sampler if spec else "llada")
+        try:
+            return cls(denoiser, name=card.name, dtype=dtype, device=device, batch_size=batch_size, **args)
+        except TypeError as exc:
+            raise HarnessError(f"bad model argument for a diffusion model: {exc}") from exc
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        d = self.denoiser
+        return {"backend": "diffusion", "name": self.name, "weights": d.source, "format": d.format,
+                "kind": "shifted" if d.shifted else "unshifted", "mask_id": d.mask_id, "dtype": self.dtype,
+                "device": self.device, "batch_size": self.rows_per_call, "estimator": self.estimator,
+                "sampler": self.sampler, "seed": self.seed}
+
+    # ---- the aligned denoiser -------------------------------------------------------------
+    @torch.no_grad()
+    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits at position i predict token i, for shifted and unshifted models alike."""
+        self.forward_passes += 1
+        logits = self.denoiser.model(input_ids.to(self.device), attention_mask.to(self.device))
+        if self.denoiser.shifted:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        spaces = len(context) - len(context.rstrip(" "))
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.encode(context + continuation)
+        context_ids = self.encode(context) if context else []
+        return [self.prefix_token] + context_ids, whole[len(context_ids):]
+
+    def fit_context(self, context: list[int], continuation: list[int]) -> list[int]:
+        room = self.denoiser.max_length - len(continuation)
+        if room < 1:
+            raise HarnessError(f"a continuation of {len(continuation)} tokens does not fit the model's context of "
+                               f"{self.denoiser.max_length} tokens")
+        return context[-room:]
+
+    # ---- log-likelihood ---------------------------------------------------------------------
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
+        pairs = [self.encode_pair(r.context, r.continuation) for r in requests]
+        estimates = self._estimate([(self.fit_context(c, k), k) for c, k in pairs],
+                                   [stable_hash([r.context, r.continuation]) for r in requests])
+        return [LoglikelihoodResult(logprob=e.logprob, is_greedy=e.is_greedy, n_tokens=e.n_tokens, stderr=e.stderr)
+                for e in estimates]
+
+    def _estimate(self, pairs: list[tuple[list[int], list[int]]], keys: list[str]):
+        settings = self.estimator
+        return estimate(self.denoise, [LikelihoodRequest(c, k, key) for (c, k), key in zip(pairs, keys)],
+                        mask_id=self.denoiser.mask_id, method=settings["method"], samples=settings["samples"],
+                        seed=self.seed, batch_size=self.rows_per_call, eps=settings["eps"],
+                        cfg_scale=settings["cfg_scale"])
+
+    def loglikelihood_rolling(self, requests: Sequence[RollingRequest]) -> list[RollingResult]:
+        """The ELBO (a lower bound on log-likelihood) over the same disjoint windows as the AR backend."""
+        window = min(self.denoiser.max_length - 1, 1024)
+        results = []
+        for request in requests:
+            ids = self.encode(request.text)
+            pairs = [(ids[start - 1:start] if start else [self.prefix_token], ids[start:start + window])
+                     for start in range(0, len(ids), window)]
+            keys = [stable_hash([request.text, start]) for start in range(0, len(ids), window)]
+            estimates = self._estimate(pairs, keys)
+            variance = sum(e.stderr ** 2 for e in estimates if e.stderr == e.stderr)
+            results.append(RollingResult(logprob=sum(e.logprob for e in estimates), n_tokens=len(ids),
+                                         exact=self.estimator["method"] == "chain_rule", stderr=variance ** 0.5))
+        return results
+
+    # ---- generation and infilling -----------------------------------------------------------
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerationResult]:
+        fills = []
+        for r in requests:
+            context = self.encode(r.context) or []
+            fills.append(FillRequest(self.fit_context([self.prefix_token] + context, [0] * r.max_tokens),
+                                     r.max_tokens, (), stable_hash([r.context, r.max_tokens])))
+        return self._sample(fills, [r.until for r in requests], stop_at_eos=True)
+
+    def infill(self, requests: Sequence[InfillRequest]) -> list[GenerationResult]:
+        fills = [FillRequest([self.prefix_token] + self.encode(r.prefix), r.n_tokens, self.encode(r.suffix),
+                             stable_hash([r.prefix, r.suffix, r.n_tokens])) for r in requests]
+        return self._sample(fills, [()] * len(requests), stop_at_eos=False)
+
+    def _sample(self, fills: list[FillRequest], stops: list[Sequence[str]], stop_at_eos: bool) -> list[GenerationResult]:
+        settings = self.sampler
+        sample = SAMPLERS[settings["name"]]
+        kwargs = {k: settings[k] for k in SAMPLER_SETTINGS if k in inspect.signature(sample).parameters}
+        out: list[GenerationResult] = []
+        eos = self.tokenizer.eos_token_id
+        for start in range(0, len(fills), self.rows_per_call):
+            batch = fills[start:start + self.rows_per_call]
+            began = time.perf_counter()
+            result = sample(self.denoise, batch, mask_id=self.denoiser.mask_id, seed=self.seed, **kwargs)
+            latency = time.perf_counter() - began
+            for tokens, until in zip(result.tokens, stops[start:start + self.rows_per_call]):
+                if stop_at_eos and eos in tokens:
+                    tokens = tokens[:tokens.index(eos)]
+                text = truncate_at_stops(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
+                out.append(GenerationResult(text=text, n_tokens=len(tokens), nfe=result.nfe, latency_s=latency,
+                                            extra={"sampler": settings["name"], "steps": result.steps}))
+        return out
