@@ -132,11 +132,24 @@ def validate(
         raise typer.Exit(1)
 
 
+@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lm_eval_cli(ctx: typer.Context) -> None:
+    """lm-eval's own command line with the harness's models registered as `--model harness`."""
+    try:
+        from harness.models.lm_eval_bridge import run_lm_eval_cli
+    except ImportError as exc:
+        raise HarnessError("this command needs lm-eval: pip install 'dlm-harness[eval]'") from exc
+    run_lm_eval_cli(list(ctx.args))
+
+
 def register_optional_commands() -> None:
     """Commands whose modules pull heavier imports are registered lazily by module path."""
     from harness.registry import import_string
 
-    for name, target in (("adapt", "harness.train.command:adapt"),):
+    for name, target in (("adapt", "harness.train.command:adapt"), ("report", "harness.report.commands:report"),
+                         ("leaderboard", "harness.report.commands:leaderboard"),
+                         ("compare", "harness.report.commands:compare"),
+                         ("bench", "harness.perf.command:bench")):
         try:
             app.command(name)(import_string(target))
         except ImportError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,25 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(text).name or text)[:40]
 
 
+def with_suite_options(config: RunConfig) -> RunConfig:
+    """Fold the suite's per-task options (``options: {task: {option: value}}``) under the command's own,
+    so they are part of the run's identity."""
+    suite_options = catalog().suites.get(config.suite).options if config.suite else {}
+    if not suite_options:
+        return config
+    unknown = sorted(set(suite_options) - set(config.tasks))
+    if unknown:
+        raise HarnessError(f"suite '{config.suite}' sets options for task(s) it does not run: {', '.join(unknown)}")
+    merged = {name: {**options, **config.task_options.get(name, {})} for name, options in suite_options.items()}
+    return replace(config, task_options={**config.task_options, **merged})
+
+
 def evaluate(config: RunConfig, model: LanguageModel | None = None, progress=None) -> dict[str, Any]:
     """Run (or resume) an evaluation and return the results.json payload (rank 0) or {}."""
     if config.limit is not None and config.limit < 1:
         raise HarnessError(f"--limit must be a positive integer, got {config.limit}")
     check_output_dir(config.output)
+    config = with_suite_options(config)
     rank, size = distributed.init()
     if model is None:
         from harness.models.factory import resolve_card

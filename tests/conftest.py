@@ -78,3 +78,19 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"evaluation data not found at {DATA_DIR} (set HARNESS_DATA_DIR)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_dlm_dir(tmp_path_factory) -> Path:
+    """A harness-format DLM: a tiny Llama directory plus diffusion_config.json, mask = an added token."""
+    import json
+
+    path = tmp_path_factory.mktemp("tiny-dlm")
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"mask_token": "<|mask|>"})
+    build_tiny_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "diffusion_config.json").write_text(json.dumps(
+        {"format": "dlm-harness", "version": 1, "kind": "shifted", "mask_token_id": tokenizer.mask_token_id,
+         "base_model": "tiny"}))
+    return path

@@ -13,22 +13,6 @@ from harness.models.factory import build_model
 from harness.runner import RunConfig, evaluate
 
 
-@pytest.fixture(scope="module")
-def tiny_dlm_dir(tmp_path_factory):
-    """A harness-format DLM: a tiny Llama directory plus diffusion_config.json, mask = an added token."""
-    from conftest import build_tiny_model, build_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-dlm")
-    tokenizer = build_tokenizer()
-    tokenizer.add_special_tokens({"mask_token": "<|mask|>"})
-    build_tiny_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "diffusion_config.json").write_text(json.dumps(
-        {"format": "dlm-harness", "version": 1, "kind": "shifted", "mask_token_id": tokenizer.mask_token_id,
-         "base_model": "tiny"}))
-    return path
-
-
 def test_shifted_logits_are_aligned_to_the_token_they_predict(tiny_dlm_dir):
     lm = build_model(str(tiny_dlm_dir))
     ids = torch.tensor([[1, 5, 7, lm.denoiser.mask_id, 9]])

@@ -89,6 +89,11 @@ def test_masking_rate_follows_t():
     torch.testing.assert_close(masked.float().mean(1), t, atol=0.03, rtol=0)
 
 
+def test_stratified_t_covers_every_stratum():
+    t, _ = sample_noise(generator(0, 1, NOISE), 8, 4, 1e-3, stratified=True)
+    assert sorted(((t - 1e-3) / (1 - 1e-3) * 8).floor().long().tolist()) == list(range(8))
+
+
 def test_first_position_and_prompt_are_never_masked():
     ids = torch.arange(40).view(4, 10)
     ones = torch.ones(4)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,11 @@ class LoglikelihoodResult:
 
 @dataclass(frozen=True)
 class RollingRequest:
-    """Score a whole text (perplexity); the backend picks windows and reports a bound or exact value."""
+    """Score a whole text (perplexity) in disjoint windows of ``window`` tokens (None: the model's
+    context), each conditioned on the token before it; exact for AR models, a bound for DLMs."""
 
     text: str
+    window: int | None = None
 
 
 @dataclass
@@ -45,16 +47,22 @@ class RollingResult:
 
 @dataclass(frozen=True)
 class GenerateRequest:
+    """Continue ``context``; with a ``reference`` the budget is its token count plus ``max_tokens``."""
+
     context: str
     max_tokens: int
     until: tuple[str, ...] = ()
+    reference: str | None = None  # oracle length: the backend counts the reference's tokens
 
 
 @dataclass(frozen=True)
 class InfillRequest:
+    """Fill ``n_tokens`` between prefix and suffix; with a ``reference``, its token count plus ``n_tokens``."""
+
     prefix: str
     suffix: str
     n_tokens: int
+    reference: str | None = None  # oracle length: the backend counts the reference's tokens
 
 
 @dataclass
@@ -92,6 +100,11 @@ class LanguageModel(ABC):
     @abstractmethod
     def infill(self, requests: Sequence[InfillRequest]) -> list[GenerationResult]:
         ...
+
+
+def token_budget(tokens: int, reference: str | None, encode: Callable[[str], list[int]]) -> int:
+    """Tokens a request may produce: ``tokens``, plus the reference's token count when it has one."""
+    return tokens if reference is None else tokens + len(encode(reference))
 
 
 def truncate_at_stops(text: str, until: Sequence[str]) -> str:

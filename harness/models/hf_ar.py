@@ -16,7 +16,7 @@ import torch
 
 from harness.models.base import (GenerateRequest, GenerationResult, InfillRequest, LanguageModel,
                                  LoglikelihoodRequest, LoglikelihoodResult, RollingRequest,
-                                 RollingResult, truncate_at_stops)
+                                 RollingResult, token_budget, truncate_at_stops)
 from harness.models.batching import AutoBatch
 
 
@@ -150,14 +150,15 @@ class HFCausalLM(LanguageModel):
         return self.model.get_output_embeddings()(hidden)
 
     def loglikelihood_rolling(self, requests: Sequence[RollingRequest]) -> list[RollingResult]:
-        """Exact log-likelihood of whole texts in disjoint windows of max_length (lm-eval's rolling)."""
+        """Exact log-likelihood of whole texts in disjoint windows (lm-eval's rolling scheme)."""
         results = []
         for request in requests:
             ids = self.encode(request.text)
             total, tokens = 0.0, 0
             pairs = []
-            for start in range(0, len(ids), self.max_length):
-                window = ids[start:start + self.max_length]
+            size = min(request.window or self.max_length, self.max_length)
+            for start in range(0, len(ids), size):
+                window = ids[start:start + size]
                 context = ids[max(0, start - 1):start] if start else [self.prefix_token]
                 pairs.append((context, window))
             rows = [PackedRow(c, [(i, w)]) for i, (c, w) in enumerate(pairs)]
@@ -168,14 +169,16 @@ class HFCausalLM(LanguageModel):
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerationResult]:
-        return [self._generate_one(r.context, r.max_tokens, r.until) for r in requests]
+        return [self._generate_one(r.context, token_budget(r.max_tokens, r.reference, self.encode), r.until)
+                for r in requests]
 
     def infill(self, requests: Sequence[InfillRequest]) -> list[GenerationResult]:
         """AR infilling: the prefix alone, or lm-eval's suffix-then-prefix re-ordering."""
         out = []
         for r in requests:
             context = r.prefix if self.infill_mode == "prefix" else f"{r.suffix}\n\n{r.prefix}"
-            result = self._generate_one(context, r.n_tokens, (), exact_tokens=True)
+            n_tokens = token_budget(r.n_tokens, r.reference, self.encode)
+            result = self._generate_one(context, n_tokens, (), exact_tokens=True)
             result.extra["infill_mode"] = self.infill_mode
             out.append(result)
         return out

@@ -1,7 +1,9 @@
 """Aggregation of per-example metrics with standard errors.
 
-Means get the analytic standard error (sample std / sqrt(n)); perplexity (exp of the negative
-mean log-likelihood) gets a seeded bootstrap with a capped number of resamples.
+Means get the analytic standard error (sample std / sqrt(n)). Perplexity (exp of the negative
+mean log-likelihood), weighted perplexity (per-example [logprob, count]: exp(-sum logprob / sum
+count)) and bits per unit (-sum logprob / sum count / ln 2) get a seeded bootstrap over examples
+with a capped number of resamples.
 """
 from __future__ import annotations
 
@@ -26,9 +28,22 @@ def bootstrap_stderr(values: Sequence[float], statistic, iters: int = BOOTSTRAP_
     if len(values) < 2:
         return float("nan")
     rng = np.random.default_rng(seed)
-    data = np.asarray(values, dtype=float)
+    data = np.asarray(values, dtype=float)  # [n] or [n, 2] for paired metrics
     stats = [statistic(data[rng.integers(0, len(data), len(data))]) for _ in range(iters)]
     return float(np.std(stats, ddof=1))
+
+
+def weighted_perplexity(pairs) -> float:
+    pairs = np.asarray(pairs, dtype=float)
+    return float(math.exp(-pairs[:, 0].sum() / pairs[:, 1].sum()))
+
+
+def bits_per_unit(pairs) -> float:
+    pairs = np.asarray(pairs, dtype=float)
+    return float(-pairs[:, 0].sum() / pairs[:, 1].sum() / math.log(2))
+
+
+PAIRED = {"weighted_perplexity": weighted_perplexity, "bits_per_unit": bits_per_unit}
 
 
 def aggregate(per_example: list[dict[str, float]], aggregations: dict[str, str]) -> dict[str, float]:
@@ -42,6 +57,9 @@ def aggregate(per_example: list[dict[str, float]], aggregations: dict[str, str])
             out[metric], out[f"{metric}_stderr"] = float(np.mean(values)), mean_stderr(values)
         elif how == "perplexity":
             out[metric], out[f"{metric}_stderr"] = perplexity(values), bootstrap_stderr(values, perplexity)
+        elif how in PAIRED:
+            statistic = PAIRED[how]
+            out[metric], out[f"{metric}_stderr"] = statistic(values), bootstrap_stderr(values, statistic)
         else:
             raise ValueError(f"unknown aggregation '{how}' for metric '{metric}'")
     return out

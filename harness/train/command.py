@@ -58,6 +58,8 @@ def adapt(
     anneal: Optional[bool] = typer.Option(None, "--anneal/--no-anneal", help="Anneal causal -> full attention."),
     anneal_steps: Optional[int] = typer.Option(None, help="Steps over which attention opens up."),
     min_t: Optional[float] = typer.Option(None, help="Smallest masking rate t ~ U(min_t, 1)."),
+    stratified_t: Optional[bool] = typer.Option(None, "--stratified-t/--no-stratified-t",
+                                                help="Spread t over strata of the global batch (less noise)."),
     precision: Optional[str] = typer.Option(None, help=f"Compute precision: {', '.join(PRECISIONS)} (bf16 = autocast)."),
     seed: Optional[int] = typer.Option(None, help="Seed of data order, masking and annealing."),
     max_tokens: Optional[int] = typer.Option(None, help="Read at most this many corpus tokens (0: all)."),
@@ -77,9 +79,10 @@ def adapt(
             data=str(Path(data).expanduser().resolve()), output_dir=output, sft=sft, steps=steps,
             seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
             schedule=schedule, weight_decay=weight_decay, betas=parse_betas(betas), grad_clip=grad_clip,
-            shift=shift, anneal=anneal, anneal_steps=anneal_steps, min_t=min_t, precision=precision, seed=seed,
-            max_tokens=max_tokens, max_examples=max_examples, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints, log_every=log_every, resume=resume, overwrite=overwrite)
+            shift=shift, anneal=anneal, anneal_steps=anneal_steps, min_t=min_t, stratified_t=stratified_t,
+            precision=precision, seed=seed, max_tokens=max_tokens, max_examples=max_examples,
+            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, log_every=log_every,
+            resume=resume, overwrite=overwrite)
         run(config, resolve_base(base))
     except HarnessError as exc:
         Console(stderr=True).print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)

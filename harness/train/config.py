@@ -36,6 +36,7 @@ class TrainConfig:
     anneal: bool = True  # causal -> full attention over anneal_steps; off = full attention from step 0
     anneal_steps: int = 50
     min_t: float = 1e-3  # t ~ U(min_t, 1)
+    stratified_t: bool = False  # one t per 1/n stratum across the global batch: same mean, less noise
     precision: str = "fp32"  # fp32, or bf16 autocast with fp32 weights
     seed: int = 0
     max_tokens: int = 0  # stop reading the corpus after this many tokens (0: all)
@@ -87,7 +88,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~5 minutes on a 2-core CPU with SmolLM2-135M: the adaptation loss visibly falls.
     "quick": dict(steps=60, seq_len=128, batch_size=4, grad_accum=1, lr=3e-4, warmup_steps=5,
                   schedule="cosine", anneal=True, anneal_steps=30, weight_decay=0.0, grad_clip=1.0,
-                  precision="fp32", checkpoint_every=0, keep_checkpoints=1, log_every=1),
+                  stratified_t=True, precision="fp32", checkpoint_every=0, keep_checkpoints=1,
+                  log_every=1),
     # DiffuGPT (arXiv 2410.17891, Sec. 4 / App.): AdamW, lr 3e-4 cosine, 2K warm-up,
     # 10K attention-annealing steps, sequence length 1024, bf16 on GPUs.
     "paper": dict(seq_len=1024, lr=3e-4, schedule="cosine", warmup_steps=2000, anneal=True,

@@ -21,11 +21,17 @@ def generator(seed: int, step: int, stream: int, device: torch.device | str = "c
     return torch.Generator(device=device).manual_seed(stream_seed(seed, step, stream))
 
 
-def sample_noise(gen: torch.Generator, n: int, seq_len: int, min_t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence t ~ U(min_t, 1) and per token u ~ U(0, 1); a token is masked when u < t."""
-    t = min_t + (1 - min_t) * torch.rand(n, generator=gen)
+def sample_noise(gen: torch.Generator, n: int, seq_len: int, min_t: float,
+                 stratified: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence t ~ U(min_t, 1) and per token u ~ U(0, 1); a token is masked when u < t.
+
+    ``stratified`` gives each of the n sequences its own 1/n-wide stratum of [min_t, 1) in random
+    order: every t is still uniform, but the batch covers all noise levels (lower-variance loss).
+    """
+    offset = torch.rand(n, generator=gen)
+    unit = (torch.randperm(n, generator=gen) + offset) / n if stratified else offset
     u = torch.rand(n, seq_len, generator=gen)
-    return t, u
+    return min_t + (1 - min_t) * unit, u
 
 
 def protected_positions(loss_start: torch.Tensor, seq_len: int, shift: bool) -> torch.Tensor:

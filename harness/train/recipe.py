@@ -139,6 +139,15 @@ def publish(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def ema(values: list[float], decay: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average, for reading a noisy loss curve."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg / (1 - decay**i))
+    return out
+
+
 def plot_loss(log_path: Path, png_path: Path) -> None:
     """Loss curve of a train_log.jsonl (matplotlib, Agg backend)."""
     import matplotlib
@@ -149,8 +158,10 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in records]
-    ax.plot(steps, [r["loss"] for r in records], label="loss (CE/t, per masked token)")
-    ax.plot(steps, [r["unweighted_loss"] for r in records], label="masked CE")
+    for key, label in (("loss", "loss (CE/t per masked token)"), ("unweighted_loss", "masked CE")):
+        values = [r[key] for r in records]
+        line, = ax.plot(steps, values, alpha=0.35, label=label)
+        ax.plot(steps, ema(values), color=line.get_color(), label=f"{label}, EMA 0.9")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
@@ -181,7 +192,7 @@ class AdaptRecipe:
         # cpu=True on machines without an accelerator lets torchrun/accelerate start gloo processes.
         self.acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no",
                                cpu=not torch.accelerator.is_available())
-        self.console = Console(stderr=True, quiet=not self.acc.is_main_process)
+        self.console = Console(stderr=True, soft_wrap=True, quiet=not self.acc.is_main_process)
         self.world = self.acc.num_processes
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
         self.mask_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -189,8 +200,6 @@ class AdaptRecipe:
         check_causal_lm(self.weights, cfg.seq_len)
         source_texts = read_source(cfg.data, cfg.sft, cfg.max_examples)
         resume_from = self.check_output_dir()
-        if resume_from:
-            check_causal_lm(str(resume_from), cfg.seq_len)
         torch.manual_seed(cfg.seed)  # the new embedding rows are initialised identically everywhere
         model, self.tokenizer = load_causal_lm(str(resume_from or self.weights))
         self.mask_id = add_mask_token(model, self.tokenizer)
@@ -299,7 +308,7 @@ class AdaptRecipe:
         n, seq = self.global_batch, cfg.seq_len
         index = self.order.indices(step * n, n)
         clean, loss_start = self.data.input_ids[index], self.data.loss_start[index]
-        t, u = sample_noise(generator(cfg.seed, step, NOISE), n, seq, cfg.min_t)
+        t, u = sample_noise(generator(cfg.seed, step, NOISE), n, seq, cfg.min_t, cfg.stratified_t)
         noisy, masked = mask_tokens(clean, t, u, protected_positions(loss_start, seq, cfg.shift), self.mask_id)
         n_masked = max(int(masked.sum()), 1)  # over the global batch: every process draws all of it
         ratio = anneal_ratio(step, cfg.anneal, cfg.anneal_steps)

@@ -17,7 +17,7 @@ from harness.config import ModelCard
 from harness.errors import HarnessError
 from harness.models.base import (GenerateRequest, GenerationResult, InfillRequest, LanguageModel,
                                  LoglikelihoodRequest, LoglikelihoodResult, RollingRequest, RollingResult,
-                                 truncate_at_stops)
+                                 token_budget, truncate_at_stops)
 from harness.models.batching import parse_batch_size
 from harness.models.diffusion.estimators import METHODS, LikelihoodRequest, estimate
 from harness.models.diffusion.formats import Denoiser, load_denoiser
@@ -125,9 +125,9 @@ class DiffusionLM(LanguageModel):
 
     def loglikelihood_rolling(self, requests: Sequence[RollingRequest]) -> list[RollingResult]:
         """The ELBO (a lower bound on log-likelihood) over the same disjoint windows as the AR backend."""
-        window = min(self.denoiser.max_length - 1, 1024)
         results = []
         for request in requests:
+            window = min(request.window or self.denoiser.max_length, self.denoiser.max_length - 1)
             ids = self.encode(request.text)
             pairs = [(ids[start - 1:start] if start else [self.prefix_token], ids[start:start + window])
                      for start in range(0, len(ids), window)]
@@ -143,12 +143,14 @@ class DiffusionLM(LanguageModel):
         fills = []
         for r in requests:
             context = self.encode(r.context) or []
-            fills.append(FillRequest(self.fit_context([self.prefix_token] + context, [0] * r.max_tokens),
-                                     r.max_tokens, (), stable_hash([r.context, r.max_tokens])))
+            n_tokens = token_budget(r.max_tokens, r.reference, self.encode)
+            fills.append(FillRequest(self.fit_context([self.prefix_token] + context, [0] * n_tokens),
+                                     n_tokens, (), stable_hash([r.context, r.max_tokens])))
         return self._sample(fills, [r.until for r in requests], stop_at_eos=True)
 
     def infill(self, requests: Sequence[InfillRequest]) -> list[GenerationResult]:
-        fills = [FillRequest([self.prefix_token] + self.encode(r.prefix), r.n_tokens, self.encode(r.suffix),
+        fills = [FillRequest([self.prefix_token] + self.encode(r.prefix),
+                             token_budget(r.n_tokens, r.reference, self.encode), self.encode(r.suffix),
                              stable_hash([r.prefix, r.suffix, r.n_tokens])) for r in requests]
         return self._sample(fills, [()] * len(requests), stop_at_eos=False)
 

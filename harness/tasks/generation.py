@@ -1,0 +1,301 @@
+"""Generation tasks: the model writes an answer, which is extracted and compared with the gold one.
+
+Every option has a default in the task class and the YAML spec may override it; the effective
+options (prompt template, stop sequences, token budget, length protocol, few-shot count and
+seed) are what ``settings()`` records and hashes.
+
+Length protocol (``length``): ``fixed`` gives every request the same budget (``max_tokens``;
+stop sequences and EOS may end it early); ``oracle`` gives it the token count of the reference
+answer under the model's own tokenizer plus ``oracle_slack`` tokens (the backend counts: the
+request carries the reference). With several gold answers the reference is the longest one in
+characters; it gets a leading space unless the prompt ends in whitespace.
+
+Few-shot examples are drawn per document with ``random.Random(f"{fewshot_seed}:{doc id}")``,
+so a document's prompt does not depend on the run seed, the limit, the shard or a resume.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+from harness.config import TaskSpec
+from harness.errors import HarnessError
+from harness.models.base import GenerateRequest, GenerationResult
+from harness.tasks.answers import (clean_number_text, contains_match, exact_match, extract_choice, f1,
+                                   gsm8k_exact_match, gsm8k_flexible, gsm8k_strict, numeric_match)
+from harness.tasks.base import Task
+from harness.tasks.data import hub_rows
+from harness.tasks.likelihood import read_jsonl
+
+LENGTH_PROTOCOLS = ("fixed", "oracle")
+
+
+class GenerationTask(Task):
+    """Options with defaults, the length protocol, seeded few-shot examples; one request per document."""
+
+    output_type = "generate_until"
+    defaults: ClassVar[dict[str, Any]] = {}
+    budget_option: ClassVar[str] = "max_tokens"  # the option holding the fixed budget
+
+    def __init__(self, spec: TaskSpec, data_dir: Path | None, options: dict[str, Any] | None = None):
+        super().__init__(spec, data_dir, options)
+        unknown = sorted(set(self.options) - set(self.defaults) - {"allow_code_exec"})
+        if unknown:
+            raise HarnessError(f"task '{self.name}': unknown option(s) {', '.join(unknown)} "
+                               f"(known: {', '.join(sorted(self.defaults))})")
+        self.options = {**self.defaults, **self.options}
+        if self.options.get("length", "fixed") not in LENGTH_PROTOCOLS:
+            raise HarnessError(f"task '{self.name}': length must be fixed or oracle, not '{self.options['length']}'")
+
+    def docs(self) -> list[dict[str, Any]]:
+        docs = super().docs()
+        first = self.options.get("max_docs")
+        return docs[:first] if first else docs
+
+    def settings(self) -> dict[str, Any]:
+        settings = super().settings()
+        settings["options"] = {k: v for k, v in self.options.items() if k != "allow_code_exec"}
+        return settings
+
+    def budget(self, reference: str, prompt: str = "") -> tuple[int, str | None]:
+        """(tokens, reference) of a request under the length protocol; the reference gets a leading
+        space when it follows a ``prompt`` that does not end in whitespace."""
+        if self.options.get("length", "fixed") == "fixed":
+            return self.options[self.budget_option], None
+        spaced = reference if not prompt or prompt[-1].isspace() else " " + reference
+        return self.options.get("oracle_slack", 0), spaced
+
+    def fewshot(self, doc: dict[str, Any], pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``num_fewshot`` examples from ``pool``, drawn with a generator seeded by the document id."""
+        k = self.options.get("num_fewshot", 0)
+        if not k:
+            return []
+        if k > len(pool):
+            raise HarnessError(f"task '{self.name}': num_fewshot={k} but only {len(pool)} examples to draw from")
+        return random.Random(f"{self.options['fewshot_seed']}:{doc['id']}").sample(pool, k)
+
+    def prompt(self, doc: dict[str, Any]) -> str:
+        return self.options["prompt"].format(**doc)
+
+
+def longest(answers: list[str]) -> str:
+    return max(answers, key=len)
+
+
+# ---- question answering -------------------------------------------------------------------------
+class QATask(GenerationTask):
+    """Short answers: exact match and F1 over the gold answers (SQuAD normalisation) and "contains"."""
+
+    metrics = {"exact_match": "mean", "f1": "mean", "contains": "mean"}
+    higher_is_better = {"exact_match": True, "f1": True, "contains": True}
+
+    def requests(self, doc):
+        prompt = self.prompt(doc)
+        tokens, reference = self.budget(longest(doc["answers"]), prompt)
+        return [GenerateRequest(prompt, tokens, tuple(self.options["until"]), reference=reference)]
+
+    def process(self, doc, results: list[GenerationResult]):
+        prediction = results[0].text.strip()
+        golds = doc["answers"]
+        metrics = {"exact_match": exact_match(prediction, golds), "f1": f1(prediction, golds),
+                   "contains": contains_match(prediction, golds)}
+        return metrics, {"prediction": prediction, "target": golds, "length": self.options["length"]}
+
+
+class TriviaQA(QATask):
+    """Closed-book TriviaQA; answers = the aliases (plus the answer). Stops as lm-eval's triviaqa."""
+
+    defaults = {"prompt": "Question: {question}\nAnswer:", "until": ["\n", ".", ","], "max_tokens": 32,
+                "length": "fixed", "oracle_slack": 0, "max_docs": None}
+
+    def read_local(self, paths):
+        docs = []
+        for row in read_jsonl(paths["rows"]):
+            found = re.fullmatch(r"Question: (.*)\nAnswer:", row["context"], flags=re.S)
+            if not found:
+                raise HarnessError(f"{paths['rows']}: unexpected context {row['context'][:60]!r}")
+            docs.append({"question": found.group(1), "answers": unique([row["answer"], *row["aliases"]])})
+        return docs
+
+    def from_hub(self, row):
+        answer = row["answer"]
+        return {"question": row["question"], "answers": unique([answer["value"], *answer["aliases"]])}
+
+
+def unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+class SQuAD(QATask):
+    """SQuAD v1.1 dev with the passage in the prompt (lm-eval's squadv2 layout)."""
+
+    defaults = {"prompt": "Title: {title}\n\nBackground: {context}\n\nQuestion: {question}\n\nAnswer:",
+                "until": ["\n"], "max_tokens": 32, "length": "fixed", "oracle_slack": 0, "max_docs": None}
+
+    def read_local(self, paths):
+        data = json.loads(paths["rows"].read_text(encoding="utf-8"))["data"]
+        return [{"title": article["title"], "context": paragraph["context"], "question": qa["question"],
+                 "answers": [a["text"] for a in qa["answers"]]}
+                for article in data for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+
+    def from_hub(self, row):
+        return {"title": row["title"], "context": row["context"], "question": row["question"],
+                "answers": list(row["answers"]["text"])}
+
+
+# ---- math word problems -------------------------------------------------------------------------
+class GSM8K(GenerationTask):
+    """lm-eval's gsm8k: few-shot "Question: …\\nAnswer: …" from train; strict and flexible extraction."""
+
+    metrics = {"exact_match_strict": "mean", "exact_match_flexible": "mean"}
+    higher_is_better = {"exact_match_strict": True, "exact_match_flexible": True}
+    defaults = {"prompt": "Question: {question}\nAnswer:", "until": ["Question:", "</s>", "<|im_end|>"],
+                "max_tokens": 256, "num_fewshot": 5, "fewshot_seed": 1234, "max_docs": None}
+
+    def __init__(self, spec, data_dir, options=None):
+        super().__init__(spec, data_dir, options)
+        self._train_path: Path | None = None
+        self._pool: list[dict[str, Any]] | None = None
+
+    def read_local(self, paths):
+        self._train_path = paths["train"]
+        return [self.from_hub(row) for row in read_jsonl(paths["rows"])]
+
+    def from_hub(self, row):
+        return {"question": row["question"], "answer": row["answer"]}
+
+    def train_rows(self) -> list[dict[str, Any]]:
+        """The local train file, or the hub's train split."""
+        self.docs()  # sets the train path when the data is local
+        if self._train_path:
+            return read_jsonl(self._train_path)
+        return hub_rows({**self.spec.hub, "split": "train"}, self.name)
+
+    def example(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A train row as a few-shot example."""
+        return self.from_hub(row)
+
+    def requests(self, doc):
+        if self._pool is None and self.options["num_fewshot"]:
+            self._pool = [self.example(row) for row in self.train_rows()]
+        shots = [self.prompt(ex) + " " + ex["answer"] for ex in self.fewshot(doc, self._pool or [])]
+        context = "\n\n".join(shots + [self.prompt(doc)])
+        return [GenerateRequest(context, self.options["max_tokens"], tuple(self.options["until"]))]
+
+    def process(self, doc, results: list[GenerationResult]):
+        text = results[0].text
+        scores = gsm8k_exact_match(text, doc["answer"])
+        return {f"exact_match_{name}": score for name, score in scores.items()}, \
+            {"prediction": extractions(text), "target": clean_number_text(doc["answer"])}
+
+
+def extractions(text: str) -> dict[str, str | None]:
+    return {"strict": gsm8k_strict(text), "flexible": gsm8k_flexible(text)}
+
+
+def symbolic_answer(solution: str) -> str:
+    """A GSM8K solution in DiffuLLaMA's fine-tuning format: its <<calculations>> then "#### answer"."""
+    return " ".join(re.findall(r"<<[^>]*>>", solution)) + " #### " + solution.split("#### ")[-1].strip()
+
+
+class GSM8KSymbolic(GSM8K):
+    """DiffuLLaMA's GSM8K test format ("<<16-3-4=9>> <<9*2=18>> #### 18"), zero-shot by default (the
+    papers fine-tune on this format); few-shot examples are train solutions turned into it."""
+
+    defaults = {**GSM8K.defaults, "until": ["Question:", "\n\n"], "max_tokens": 128, "num_fewshot": 0}
+
+    def read_local(self, paths):
+        self._train_path = paths["train"]
+        rows = json.loads(paths["rows"].read_text(encoding="utf-8"))
+        return [{"question": row["instruction"], "answer": row["output"]} for row in rows]
+
+    def example(self, row):
+        return {"question": row["question"], "answer": symbolic_answer(row["answer"])}
+
+
+def format_number(value: float) -> str:
+    return f"{value:.10g}"
+
+
+class MAWPS(GSM8K):
+    """MAWPS (MWPToolkit test split); few-shot examples from its valid split, answered in the symbolic
+    format ("<<3+4=7>> #### 7"); numbers compared within a relative tolerance."""
+
+    metrics = {"acc_strict": "mean", "acc_flexible": "mean"}
+    higher_is_better = {"acc_strict": True, "acc_flexible": True}
+    defaults = {**GSM8K.defaults, "until": ["Question:", "\n\n"], "max_tokens": 64, "num_fewshot": 4,
+                "rel_tol": 1e-4}
+
+    def read_local(self, paths):
+        self._train_path = paths["train"]
+        return [self.example(row) for row in json.loads(paths["rows"].read_text(encoding="utf-8"))]
+
+    def train_rows(self):
+        self.docs()
+        return json.loads(self._train_path.read_text(encoding="utf-8"))
+
+    def example(self, row):
+        value = float(row["ans"])
+        expression = row["equation"].split("=", 1)[1]
+        return {"question": row["original_text"], "value": value,
+                "answer": f"<<{expression}={format_number(value)}>> #### {format_number(value)}"}
+
+    def process(self, doc, results: list[GenerationResult]):
+        text = results[0].text
+        scores = numeric_match(text, doc["value"], self.options["rel_tol"])
+        return {f"acc_{name}": score for name, score in scores.items()}, \
+            {"prediction": extractions(text), "target": doc["value"]}
+
+
+class SATMath(GenerationTask):
+    """AGIEval SAT-Math, answered by generation: AGIEval's zero-shot English prompt, first option letter.
+    Few-shot examples (off by default) are other questions of the same set with their answer letter."""
+
+    metrics = {"acc": "mean"}
+    higher_is_better = {"acc": True}
+    defaults = {"prompt": "{passage}Q: {question} Answer Choices: {choices}\nA: Among A through D, the answer is",
+                "until": ["\n"], "max_tokens": 16, "num_fewshot": 0, "fewshot_seed": 1234, "max_docs": None}
+
+    def read_local(self, paths):
+        return [{"passage": row["passage"] or "", "question": row["question"], "choices": " ".join(row["options"]),
+                 "label": row["label"]} for row in read_jsonl(paths["rows"])]
+
+    def requests(self, doc):
+        others = [d for d in self.docs() if d["id"] != doc["id"]]
+        shots = [f"{self.prompt(ex)} {ex['label']}." for ex in self.fewshot(doc, others)]
+        context = "\n\n".join(shots + [self.prompt(doc)])
+        return [GenerateRequest(context, self.options["max_tokens"], tuple(self.options["until"]))]
+
+    def process(self, doc, results: list[GenerationResult]):
+        prediction = extract_choice(results[0].text)
+        return {"acc": float(prediction == doc["label"])}, {"prediction": prediction, "target": doc["label"]}
+
+
+# ---- LAMBADA by generation ----------------------------------------------------------------------
+class LambadaGeneration(GenerationTask):
+    """DiffuGPT's LAMBADA protocol: generate the last word in as many tokens as it has (oracle length;
+    a diffusion sampler's default steps = tokens), exact match of the stripped text with the word."""
+
+    metrics = {"acc": "mean"}
+    higher_is_better = {"acc": True}
+    defaults = {"length": "oracle", "oracle_slack": 0, "max_tokens": 8, "max_docs": None}
+
+    def read_local(self, paths):
+        lines = paths["text"].read_text(encoding="utf-8").splitlines()
+        return [{"text": line.strip()} for line in lines if line.strip()]
+
+    def requests(self, doc):
+        context, word = doc["text"].rsplit(" ", 1)
+        tokens, reference = self.budget(word, context)
+        return [GenerateRequest(context, tokens, (), reference=reference)]
+
+    def process(self, doc, results: list[GenerationResult]):
+        text = results[0].text.strip()
+        # with a fixed budget the model may write on: keep its first word
+        prediction = text if self.options["length"] == "oracle" else (text.split() or [""])[0]
+        target = doc["text"].rsplit(" ", 1)[1]
+        return {"acc": float(prediction == target)}, {"prediction": prediction, "target": target,
+                                                      "length": self.options["length"]}
