@@ -44,7 +44,7 @@ def run(
 ) -> None:
     """Evaluate a model on tasks; resumes a run started with the same command."""
     from harness.catalog import catalog
-    from harness.models.factory import parse_model_args
+    from harness.models.factory import parse_model_args, resolve_card
     from harness.runner import RunConfig, check_output_dir, evaluate
     from harness.tasks.data import resolve_data_dir
 
@@ -52,11 +52,15 @@ def run(
     if not names:
         raise HarnessError("nothing to run: give --tasks and/or --suite")
     check_output_dir(output)
-    args = {**(suite_spec.model_args if suite_spec else {}), **parse_model_args(model_args)}
+    family = "diffusion" if resolve_card(model).backend == "diffusion" else "ar"
+    suite_args = suite_spec.model_args.get(family, {}) if suite_spec else {}
+    args = {**suite_args, **parse_model_args(model_args)}
+    task_options = {n: {**(suite_spec.options.get(n, {}) if suite_spec else {}),
+                        **({"allow_code_exec": True} if allow_code_exec else {})} for n in names}
     config = RunConfig(model=model, tasks=names, suite=suite, seed=seed, batch_size=batch_size, device=device,
                        dtype=dtype, model_args=args, data_dir=resolve_data_dir(data_dir), output=output,
                        limit=limit if limit is not None else (suite_spec.limit if suite_spec else None),
-                       task_options={n: {"allow_code_exec": True} for n in names} if allow_code_exec else {})
+                       task_options={n: o for n, o in task_options.items() if o})
     with progress_bar() as progress:
         results = evaluate(config, progress=progress)
     if results:

@@ -57,8 +57,10 @@ class SuiteSpec:
     tasks: tuple[str, ...]
     description: str = ""
     limit: int | None = None
+    # backend arguments by model family: {"ar": {...}, "diffusion": {...}}
     model_args: dict[str, Any] = field(default_factory=dict)
     kind: str = "eval"  # eval | throughput
+    # eval suites: per-task options {task: {option: value}}; throughput suites: the sweep
     options: dict[str, Any] = field(default_factory=dict)
     path: str = ""
 
@@ -129,4 +131,12 @@ def load_suite_spec(path: Path) -> SuiteSpec:
     data = read_yaml(path)
     if isinstance(data.get("tasks"), list):
         data["tasks"] = tuple(data["tasks"])
-    return build(SuiteSpec, data, path)
+    suite = build(SuiteSpec, data, path)
+    families = set(suite.model_args) - {"ar", "diffusion"}
+    if families:
+        raise HarnessError(f"{path}: model_args takes the families 'ar' and 'diffusion', not {sorted(families)}")
+    if suite.kind == "eval":
+        strays = sorted(set(suite.options) - set(suite.tasks))
+        if strays:
+            raise HarnessError(f"{path}: options name task(s) the suite does not run: {', '.join(strays)}")
+    return suite

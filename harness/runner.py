@@ -62,13 +62,9 @@ def with_suite_options(config: RunConfig) -> RunConfig:
     """Fold the suite's per-task options (``options: {task: {option: value}}``) under the command's own,
     so they are part of the run's identity."""
     suite_options = catalog().suites.get(config.suite).options if config.suite else {}
-    if not suite_options:
-        return config
-    unknown = sorted(set(suite_options) - set(config.tasks))
-    if unknown:
-        raise HarnessError(f"suite '{config.suite}' sets options for task(s) it does not run: {', '.join(unknown)}")
-    merged = {name: {**options, **config.task_options.get(name, {})} for name, options in suite_options.items()}
-    return replace(config, task_options={**config.task_options, **merged})
+    merged = {name: {**options, **config.task_options.get(name, {})}
+              for name, options in suite_options.items() if name in config.tasks}
+    return replace(config, task_options={**config.task_options, **merged}) if merged else config
 
 
 def evaluate(config: RunConfig, model: LanguageModel | None = None, progress=None) -> dict[str, Any]:

@@ -17,13 +17,18 @@ from harness.models.base import LoglikelihoodResult
 from harness.models.factory import resolve_card
 
 
-def lm_eval_loglikelihoods(weights: str, requests, batch_size: int, dtype: str) -> list[LoglikelihoodResult]:
+def lm_eval_hf(weights: str, batch_size: int, dtype: str):
+    """lm-eval's own HF backend over the same weights."""
     try:
-        from lm_eval.api.instance import Instance
         from lm_eval.models.huggingface import HFLM
     except ImportError as exc:
         raise HarnessError("validation needs lm-eval: pip install 'dlm-harness[eval]'") from exc
-    lm = HFLM(pretrained=weights, batch_size=batch_size, device="cpu", dtype=dtype)
+    return HFLM(pretrained=weights, batch_size=batch_size, device="cpu", dtype=dtype)
+
+
+def lm_eval_loglikelihoods(lm, requests) -> list[LoglikelihoodResult]:
+    from lm_eval.api.instance import Instance
+
     instances = [Instance(request_type="loglikelihood", doc={}, arguments=(r.context, r.continuation), idx=i)
                  for i, r in enumerate(requests)]
     return [LoglikelihoodResult(logprob=float(ll), is_greedy=bool(g), n_tokens=0)
@@ -44,13 +49,13 @@ def validate_against_lm_eval(model: str, tasks: list[str], *, limit: int | None,
     for column in ("task", "requests", "max |Δ loglik|", "acc (harness)", "acc (lm-eval)", "greedy agree", "verdict"):
         table.add_column(column)
     all_ok = True
-    weights = resolve_weights(card.weights)
+    reference = lm_eval_hf(resolve_weights(card.weights), batch_size, card.dtype)
     for task in task_objs:
         docs = task.docs()[:limit] if limit else task.docs()
         per_doc = [task.requests(d) for d in docs]
         flat = [r for reqs in per_doc for r in reqs]
         ours = ours_model.loglikelihood(flat)
-        theirs = lm_eval_loglikelihoods(weights, flat, batch_size, card.dtype)
+        theirs = lm_eval_loglikelihoods(reference, flat)
         delta = max(abs(a.logprob - b.logprob) for a, b in zip(ours, theirs))
         greedy = sum(a.is_greedy == b.is_greedy for a, b in zip(ours, theirs)) / len(flat)
         acc = {}

@@ -151,3 +151,18 @@ def test_end_to_end_infilling_run(model_fixture, model_args, mode_key, mode, req
             assert response["n_tokens"] == len(tiny_tokenizer(reference, add_special_tokens=False)["input_ids"])
             assert isinstance(response["text"], str)
     assert "status" in samples(results, tmp_path, "humaneval_infill_single")[0]
+
+
+def test_suite_options_reach_the_tasks_and_the_run_identity():
+    from harness.runner import with_suite_options
+
+    config = RunConfig(model="m", tasks=["rocstories_infill", "humaneval"], suite="infilling",
+                       task_options={"humaneval": {"allow_code_exec": True}})
+    merged = with_suite_options(config)
+    assert merged.task_options == {"humaneval": {"max_tokens": 256, "allow_code_exec": True}}
+    assert merged.identity({}) != config.identity({})
+    override = RunConfig(model="m", tasks=["humaneval"], suite="infilling",
+                         task_options={"humaneval": {"max_tokens": 64}})
+    assert with_suite_options(override).task_options == {"humaneval": {"max_tokens": 64}}
+    plain = RunConfig(model="m", tasks=["humaneval"])
+    assert with_suite_options(plain) is plain

@@ -160,7 +160,8 @@ def test_reproduction_lists_matched_cells_with_deltas(built):
     assert any("60 of the 1,838" in note for note in gpt2.notes)
     assert all("Table 1" in m.reference.source for m in matches)  # no run of a LLaDA-table model
     assert not any("estimator" in note for m in matches for note in m.notes)  # paper_grid x32 as the paper
-    other = [replace(c, estimator={"method": "mc_time", "samples": 32}) for c in cells if c.model == "diffugpt-s"]
+    other = [replace(c, fingerprint={**c.fingerprint, "estimator": {"method": "mc_time", "samples": 32}})
+             for c in cells if c.model == "diffugpt-s"]
     _, matches = reproduction(refs, other, [])
     assert matches and all("Harness estimator mc_time ≠ paper paper_grid." in m.notes for m in matches)
     assert all(len(row) == len(table.header) for row in table.rows)

@@ -43,8 +43,7 @@ class Cell:
     seed: Any
     suite: str
     options: dict[str, Any] = field(default_factory=dict)
-    estimator: dict[str, Any] | None = None
-    sampler: dict[str, Any] | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # the backend's settings (estimator, sampler, ...)
     parent: str | None = None  # the AR model a DLM was adapted from, where the run says so
     names: frozenset = frozenset()  # every name the model goes by (card, --model, weights)
     versions: str = ""
@@ -138,7 +137,7 @@ def collect_cells(store: Store, runs: list[dict[str, Any]]) -> list[Cell]:
                     None if stderr is None or math.isnan(stderr) else float(stderr), result["n"],
                     result["task_hash"], result["prompt_hash"], how, key, fp.get("dtype") or "?",
                     run["config"].get("seed"), run["config"].get("suite") or "", options,
-                    fp.get("estimator"), fp.get("sampler"), parent, names, versions(run),
+                    fp, parent, names, versions(run),
                     run["status"] == "complete"))
     return cells
 

