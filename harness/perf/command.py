@@ -7,7 +7,8 @@ Models: a card name, a checkpoint directory, a hub id, or ``untrained-dlm:BASE``
 BASE with a mask token added and run with full attention as a shifted DLM, with no training (for
 timing only; its records say ``untrained: true``), built once and cached under
 ``harness.models.loading.cache_dir()``. The sweep and variants come from ``DEFAULTS``, then the
-suite's ``options``, then the command-line options (``--model`` replaces ``models``).
+suite's ``options``, then the command-line options (``--model`` replaces ``models``); the
+suite's ``model_args`` by family go to the backends (a DLM's ``block_length``, say).
 
 One run per model and machine: the run id ``bench-<model>-<hardware tag>-<hash>`` hashes the
 model's fingerprint, the sweep, the seed and the hardware fingerprint, so records from different
@@ -63,6 +64,7 @@ def bench(
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed requests per setting."),
 ) -> None:
     """Measure throughput, latency, memory and MFU over a sweep (a throughput suite or --model)."""
+    from harness.catalog import catalog
     from harness.cli import console, out
     from harness.runner import check_output_dir
     from harness.store import default_store_path
@@ -72,6 +74,7 @@ def bench(
                  "prompt_length": _ints(prompt_length), "samplers": _names(samplers), "ar_modes": _names(ar_modes),
                  "repeats": repeats, "warmup": warmup, "models": list(model or [])}
     options = bench_options(suite, {k: v for k, v in overrides.items() if v})
+    family_args = catalog().suites.get(suite).model_args if suite else {}
     if not options["models"]:
         raise HarnessError("nothing to measure: give --model or a --suite that lists models")
     check_output_dir(output)
@@ -79,7 +82,7 @@ def bench(
     check_quality(options["quality"], data)
     for name in options["models"]:
         run_id, records = bench_model(name, options, suite=suite, output=output, device=device, dtype=dtype,
-                                      seed=seed, data_dir=data, log=console.print)
+                                      seed=seed, data_dir=data, family_args=family_args, log=console.print)
         out.print(results_table(run_id, records))
         console.print(f"run [bold]{run_id}[/] stored in {default_store_path(output)}")
 
@@ -192,13 +195,14 @@ def build_variants(lm, options: dict[str, Any], *, device: str, seed: int, log: 
 
 
 def bench_model(name: str, options: dict[str, Any], *, suite: str | None, output: Path, device: str,
-                dtype: str | None, seed: int, data_dir: Path | None,
+                dtype: str | None, seed: int, data_dir: Path | None, family_args: dict[str, dict] | None = None,
                 log: Callable[[str], Any] = print) -> tuple[str, list[dict[str, Any]]]:
-    """Measure one model over the sweep into its run; returns (run id, all its records)."""
+    """Measure one model over the sweep into its run; returns (run id, all its records).
+    ``family_args``: backend arguments by family (``{"ar": {...}, "diffusion": {...}}``, a suite's model_args)."""
     from dataclasses import asdict
 
     from harness.env import environment
-    from harness.models.factory import build_model
+    from harness.models.factory import build_model, resolve_card
     from harness.perf.probe import probe
     from harness.perf.throughput import measure, prompt_text, sweep, synthetic_prompts
     from harness.runner import slug
@@ -208,7 +212,9 @@ def bench_model(name: str, options: dict[str, Any], *, suite: str | None, output
     untrained = name.startswith(UNTRAINED)
     target = str(untrained_dlm(name[len(UNTRAINED):])) if untrained else name
     settings = sweep(options)
-    lm = build_model(target, device=device, dtype=dtype, batch_size=max(s.batch_size for s in settings))
+    model_args = (family_args or {}).get("ar" if resolve_card(target).backend == "hf_ar" else "diffusion", {})
+    lm = build_model(target, device=device, dtype=dtype, batch_size=max(s.batch_size for s in settings),
+                     model_args=model_args)
     lm.seed = seed
     fingerprint = {k: v for k, v in lm.fingerprint.items() if k != "batch_size"}
     variants = build_variants(lm, options, device=device, seed=seed, log=log)
@@ -216,7 +222,8 @@ def bench_model(name: str, options: dict[str, Any], *, suite: str | None, output
     hardware = hardware_fingerprint(env, lm.dtype)
     limits = probe(device, lm.dtype)
     sweep_options = {k: v for k, v in options.items() if k != "models"}
-    identity = {"model": name, "fingerprint": fingerprint, "options": sweep_options, "seed": seed, "hardware": hardware}
+    identity = {"model": name, "fingerprint": fingerprint, "model_args": model_args, "options": sweep_options,
+                "seed": seed, "hardware": hardware}
     run_id = f"bench-{slug(name)}-{hardware_tag(hardware)}-{stable_hash(identity)[:10]}"
     store = Store(default_store_path(output))
     store.start_run(run_id, model=name, config={"suite": suite, "device": device, "untrained": untrained, **identity},
