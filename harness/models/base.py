@@ -107,6 +107,18 @@ def token_budget(tokens: int, reference: str | None, encode: Callable[[str], lis
     return tokens if reference is None else tokens + len(encode(reference))
 
 
+def split_pair(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's tokenisation of a pair: trailing spaces of the context move to the continuation,
+    which is the tail of the encoded concatenation (the context may come back empty)."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        return [], encode(continuation)
+    context_ids = encode(context)
+    return context_ids, encode(context + continuation)[len(context_ids):]
+
+
 def truncate_at_stops(text: str, until: Sequence[str]) -> str:
     """Cut ``text`` at the first stop sequence it contains."""
     cut = len(text)

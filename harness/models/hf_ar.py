@@ -16,7 +16,7 @@ import torch
 
 from harness.models.base import (GenerateRequest, GenerationResult, InfillRequest, LanguageModel,
                                  LoglikelihoodRequest, LoglikelihoodResult, RollingRequest,
-                                 RollingResult, token_budget, truncate_at_stops)
+                                 RollingResult, split_pair, token_budget, truncate_at_stops)
 from harness.models.batching import AutoBatch
 
 
@@ -59,15 +59,9 @@ class HFCausalLM(LanguageModel):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's split: trailing spaces of the context move to the continuation."""
-        spaces = len(context) - len(context.rstrip(" "))
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        if not context:
-            return [self.prefix_token], self.encode(continuation)
-        whole = self.encode(context + continuation)
-        context_ids = self.encode(context)
-        return context_ids, whole[len(context_ids):]
+        """lm-eval's split; an empty context becomes the prefix token, as in lm-eval."""
+        context_ids, continuation_ids = split_pair(self.encode, context, continuation)
+        return context_ids or [self.prefix_token], continuation_ids
 
     # ---- log-likelihood -----------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:

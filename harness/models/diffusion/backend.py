@@ -17,7 +17,7 @@ from harness.config import ModelCard
 from harness.errors import HarnessError
 from harness.models.base import (GenerateRequest, GenerationResult, InfillRequest, LanguageModel,
                                  LoglikelihoodRequest, LoglikelihoodResult, RollingRequest, RollingResult,
-                                 token_budget, truncate_at_stops)
+                                 split_pair, token_budget, truncate_at_stops)
 from harness.models.batching import parse_batch_size
 from harness.models.diffusion.estimators import METHODS, LikelihoodRequest, estimate
 from harness.models.diffusion.formats import Denoiser, load_denoiser
@@ -97,12 +97,10 @@ class DiffusionLM(LanguageModel):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        spaces = len(context) - len(context.rstrip(" "))
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.encode(context + continuation)
-        context_ids = self.encode(context) if context else []
-        return [self.prefix_token] + context_ids, whole[len(context_ids):]
+        """lm-eval's split, after a prefix token: a shifted model needs a position before the first
+        token it predicts."""
+        context_ids, continuation_ids = split_pair(self.encode, context, continuation)
+        return [self.prefix_token] + context_ids, continuation_ids
 
     def fit_context(self, context: list[int], continuation: list[int]) -> list[int]:
         room = self.denoiser.max_length - len(continuation)
