@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.perf.command import DEFAULTS, bench_model, bench_options, hardware_tag
+from harness.perf.command import DEFAULTS, bench_model, bench_options, hardware_tag, is_untrained, untrained_dlm
 from harness.perf.probe import probe
 from harness.perf.throughput import Setting, count_generated, sweep, synthetic_prompts
 from harness.perf.timing import ForwardCounter, PeakMemory, percentile, summary
@@ -120,6 +120,21 @@ def test_bench_stores_records_for_ar_and_dlm(tiny_llama_dir, tiny_dlm_dir, tmp_p
     assert len(store.measurements(again)) == 2  # resumed: nothing measured twice
 
 
+def test_untrained_dlm_is_built_once_and_labelled(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    path = untrained_dlm(str(tiny_llama_dir))
+    assert path.parent.parent == tmp_path / "cache" and is_untrained(str(path))
+    config = json.loads((path / "diffusion_config.json").read_text())
+    assert config["kind"] == "shifted" and config["mask_token_id"] == 300  # added after the 300-token vocabulary
+    built = (path / "model.safetensors").stat().st_mtime_ns
+    assert untrained_dlm(str(tiny_llama_dir)) == path and (path / "model.safetensors").stat().st_mtime_ns == built
+    options = {**TINY, "samplers": ["threshold"], "repeats": 1, "warmup": 0}
+    _, (record,) = bench_model(f"untrained-dlm:{tiny_llama_dir}", options, suite=None, output=tmp_path, device="cpu",
+                               dtype=None, seed=1, data_dir=None, log=lambda *a: None)
+    assert record["untrained"] and record["model"].startswith("untrained-dlm:")
+    assert not is_untrained(str(tiny_llama_dir))
+
+
 def test_run_id_names_the_hardware(tiny_llama_dir, tmp_path, monkeypatch):
     options = {**TINY, "ar_modes": ["kv_cache"], "repeats": 1, "warmup": 0}
     here, _ = bench_model(str(tiny_llama_dir), options, suite=None, output=tmp_path, device="cpu", dtype=None,
@@ -131,7 +146,7 @@ def test_run_id_names_the_hardware(tiny_llama_dir, tmp_path, monkeypatch):
     there, _ = bench_model(str(tiny_llama_dir), options, suite=None, output=tmp_path, device="cpu", dtype=None,
                            seed=1, data_dir=None, log=lambda *a: None)
     assert here != there and "-h100-" in there
-    assert hardware_tag({"cpu": "AMD EPYC 7B13", "cpu_cores": 2}) == "amdepyc7b132c"
+    assert hardware_tag({"cpu": "AMD EPYC 7B13", "cpu_cores": 2}) == "amdepyc7b13-2c"
 
 
 def test_speed_quality_pairs_each_setting_with_a_score(tiny_llama_dir, tiny_dlm_dir, data_dir, tmp_path):
@@ -166,7 +181,8 @@ def test_bench_command_line(tiny_dlm_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     (run,) = Store(tmp_path / "store.sqlite").runs(kind="throughput")
     lines = (tmp_path / run["run_id"] / "measurements.jsonl").read_text().splitlines()
-    assert [json.loads(line)["variant"] for line in lines] == ["llada"]
+    (record,) = [json.loads(line) for line in lines]
+    assert (record["variant"], record["warmup"], record["setting"]["steps"]) == ("llada", 0, 2)
     assert run["env"]["probe"]["peak_flops"] > 0
 
 

@@ -72,8 +72,8 @@ def bench(
 
     overrides = {"gen_length": _ints(gen_length), "steps": _ints(steps), "batch_size": _ints(batch_size),
                  "prompt_length": _ints(prompt_length), "samplers": _names(samplers), "ar_modes": _names(ar_modes),
-                 "repeats": repeats, "warmup": warmup, "models": list(model or [])}
-    options = bench_options(suite, {k: v for k, v in overrides.items() if v})
+                 "repeats": repeats, "warmup": warmup, "models": list(model) if model else None}
+    options = bench_options(suite, {k: v for k, v in overrides.items() if v is not None})
     family_args = catalog().suites.get(suite).model_args if suite else {}
     if not options["models"]:
         raise HarnessError("nothing to measure: give --model or a --suite that lists models")
@@ -157,8 +157,11 @@ def untrained_dlm(base: str) -> Path:
         (tmp / "diffusion_config.json").write_text(json.dumps(
             {"format": "dlm-harness", "version": 1, "kind": "shifted", "mask_token_id": mask_id, "base_model": base,
              "untrained": True}, indent=2))
-        if not target.exists():
+        try:
             os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "diffusion_config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -174,7 +177,13 @@ def hardware_tag(hardware: dict[str, Any]) -> str:
     """A short readable tag: the GPU's name, or the CPU's and its core count."""
     if hardware.get("gpu"):
         return re.sub(r"[^a-z0-9]+", "", hardware["gpu"].lower().replace("nvidia", ""))[:16]
-    return re.sub(r"[^a-z0-9]+", "", hardware["cpu"].lower())[:16] + f"{hardware['cpu_cores']}c"
+    return re.sub(r"[^a-z0-9]+", "", hardware["cpu"].lower())[:16] + f"-{hardware['cpu_cores']}c"
+
+
+def is_untrained(target: str) -> bool:
+    """True for a harness DLM directory whose diffusion_config.json says ``untrained``."""
+    config = Path(target) / "diffusion_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("untrained"))
 
 
 def build_variants(lm, options: dict[str, Any], *, device: str, seed: int, log: Callable[[str], Any]) -> list:
@@ -209,8 +218,8 @@ def bench_model(name: str, options: dict[str, Any], *, suite: str | None, output
     from harness.store import Store, default_store_path, write_jsonl_atomic
     from harness.tasks.base import stable_hash
 
-    untrained = name.startswith(UNTRAINED)
-    target = str(untrained_dlm(name[len(UNTRAINED):])) if untrained else name
+    target = str(untrained_dlm(name[len(UNTRAINED):])) if name.startswith(UNTRAINED) else name
+    untrained = is_untrained(target)
     settings = sweep(options)
     model_args = (family_args or {}).get("ar" if resolve_card(target).backend == "hf_ar" else "diffusion", {})
     lm = build_model(target, device=device, dtype=dtype, batch_size=max(s.batch_size for s in settings),
@@ -285,15 +294,21 @@ def quality(lm, variant, setting, spec: dict[str, Any], *, name: str, seed: int,
 
 def results_table(run_id: str, records: list[dict[str, Any]]) -> Table:
     """One row a record; the setting reads g<gen length> s<steps> b<batch> p<prompt length>."""
+    from rich import box
+
     from harness.perf.throughput import Setting
 
-    table = Table(title=run_id)
-    for column in ("variant", "setting", "tok/s", "p50 s", "p95 s", "first s", "NFE", "MiB", "MFU", "BW", "quality"):
-        table.add_column(column, justify="left" if column in ("variant", "setting") else "right")
+    table = Table(title=run_id, box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = ["variant", "setting", "tok/s", "p50 s", "p95 s", "1st s", "NFE", "MiB", "MFU", "BW"]
+    with_quality = any(r.get("quality") for r in records)
+    for column in columns + ["quality"] * with_quality:
+        table.add_column(column, justify="left" if column in ("variant", "setting") else "right", no_wrap=True)
     for r in records:
-        q = r.get("quality")
-        table.add_row(r["variant"], Setting(**r["setting"]).label(), f"{r['tokens_per_s']:.1f}",
-                      f"{r['latency_s']['p50']:.3f}", f"{r['latency_s']['p95']:.3f}", f"{r['first_token_s']['p50']:.4f}",
-                      f"{r['nfe']:g}", f"{r['peak_memory_bytes'] / 2**20:.0f}", f"{r['mfu']:.3f}",
-                      f"{r['bandwidth_fraction']:.3f}", f"{q['value']:.3f}" if q else "")
+        numbers = (r["tokens_per_s"], r["latency_s"]["p50"], r["latency_s"]["p95"], r["first_token_s"]["p50"],
+                   r["nfe"], r["peak_memory_bytes"] / 2**20, r["mfu"], r["bandwidth_fraction"])
+        row = [r["variant"], Setting(**r["setting"]).label(),
+               *(format(x, spec) for x, spec in zip(numbers, (".1f", ".3f", ".3f", ".3f", "g", ".0f", ".3f", ".3f")))]
+        if with_quality:
+            row.append(f"{r['quality']['value']:.3f}" if r.get("quality") else "")
+        table.add_row(*row)
     return table

@@ -28,13 +28,14 @@ requests, each timed between device synchronisations. A record holds:
 
 Prompts are deterministic: windows of ``prompt_length`` token ids cut at seeded offsets from real
 text (``pretrain_corpus/wiki_demo.txt`` under the data dir), or, without a data dir, a fixed
-built-in sentence repeated; ``prompt_source`` in the record says which.
+built-in sentence repeated; ``prompt_source`` in the record says which. Every variant gets the
+same prompt ids for a setting, with no BOS or other token added.
 """
 from __future__ import annotations
 
 import itertools
-from contextlib import nullcontext
 import random
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
