@@ -12,7 +12,7 @@ from harness.errors import HarnessError
 from harness.perf.command import DEFAULTS, bench_model, bench_options, hardware_tag, is_untrained, untrained_dlm
 from harness.perf.probe import probe
 from harness.perf.throughput import Setting, count_generated, sweep, synthetic_prompts
-from harness.perf.timing import ForwardCounter, PeakMemory, percentile, summary
+from harness.perf.timing import ForwardCounter, ForwardTimer, PeakMemory, percentile, summary
 from harness.store import Store
 
 RECORD_FIELDS = {"variant", "backend", "setting", "fingerprint", "tokens_per_s", "latency_s", "first_token_s", "nfe",
@@ -88,6 +88,9 @@ def test_forward_counter_counts_calls_and_positions():
         echo(input_ids=torch.zeros(1, 5))
     echo(torch.zeros(4, 4))  # after the block: not counted
     assert (counter.calls, counter.tokens) == (2, 11)
+    with ForwardTimer(echo, "cpu") as timer:
+        echo(torch.zeros(1))
+    assert timer.calls == 1 and 0 < timer.seconds < 1
 
 
 def test_bench_stores_records_for_ar_and_dlm(tiny_llama_dir, tiny_dlm_dir, tmp_path):

@@ -162,11 +162,13 @@ def test_lr_schedule():
 def test_presets_and_flags():
     assert build_config("quick", data="x").steps == 60
     assert build_config("quick", data="x", steps=5).steps == 5
-    paper = build_config("paper-diffullama", data="x")
+    paper = build_config("paper-diffullama", data="x", steps=1000)
     assert (paper.lr, paper.betas, paper.weight_decay, paper.grad_accum, paper.anneal) == \
         (2e-5, (0.9, 0.95), 0.1, 4, False)
     with pytest.raises(HarnessError, match="unknown preset"):
         build_config("fast", data="x")
+    with pytest.raises(HarnessError, match="give --steps"):
+        build_config("paper", data="x")
 
 
 # ----------------------------------------------------------------------------- data
@@ -262,8 +264,10 @@ def test_checkpoint_layout(reference, tiny_llama_dir):
     denoiser = load_denoiser(str(final))
     assert denoiser.shifted and denoiser.mask_id == spec["mask_token_id"]
     assert denoiser.tokenizer.convert_ids_to_tokens(spec["mask_token_id"]) == "<|mask|>"
-    state = torch.load(final / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 16 and {"optimizer", "scheduler", "sequences_seen", "rng"} <= state.keys()
+    state = torch.load(reference / "checkpoint-8" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 8 and state["sequences_seen"] == 16 and state["optimizer"]["state"]
+    assert {"scheduler", "rng", "elapsed_s"} <= state.keys()
+    assert torch.load(final / "trainer_state.pt", weights_only=False)["optimizer"] is None  # the run is over
 
 
 def test_resume_matches_an_uninterrupted_run(reference, tmp_path, tiny_llama_dir, corpus):
@@ -274,6 +278,13 @@ def test_resume_matches_an_uninterrupted_run(reference, tmp_path, tiny_llama_dir
     train(tiny_llama_dir, corpus, out, resume=True)
     assert not (out / ".tmp-checkpoint-12").exists()
     assert [r["step"] for r in log(out)] == list(range(1, 17))
+    assert_same_weights(out / "final", reference / "final", atol=0)
+
+
+def test_resuming_a_finished_run_does_nothing(reference, tmp_path, tiny_llama_dir, corpus):
+    out = tmp_path / "done"
+    shutil.copytree(reference, out)
+    assert train(tiny_llama_dir, corpus, out, resume=True)["steps_run"] == 0
     assert_same_weights(out / "final", reference / "final", atol=0)
 
 

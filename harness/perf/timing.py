@@ -1,4 +1,4 @@
-"""Timing primitives: device synchronisation, percentiles, peak memory and forward-call counting.
+"""Timing primitives: device synchronisation, percentiles, peak memory, forward-call counting and timing.
 
 Peak memory is the CUDA allocator's ``max_memory_allocated`` on a GPU; on the CPU it is the
 process's peak resident set (VmHWM), reset before each measurement through
@@ -113,3 +113,27 @@ class ForwardCounter:
 
     def __exit__(self, *exc: Any) -> None:
         self.handle.remove()
+
+
+class ForwardTimer:
+    """Wall seconds spent inside a module's forward calls (the device synchronised around each)."""
+
+    def __init__(self, module: torch.nn.Module, device: str):
+        self.module, self.device, self.seconds, self.calls = module, device, 0.0, 0
+
+    def _start(self, module: torch.nn.Module, args: tuple) -> None:
+        synchronize(self.device)
+        self.began = time.perf_counter()
+
+    def _stop(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self.began
+        self.calls += 1
+
+    def __enter__(self) -> "ForwardTimer":
+        self.handles = [self.module.register_forward_pre_hook(self._start), self.module.register_forward_hook(self._stop)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()

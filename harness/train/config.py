@@ -9,7 +9,8 @@ from harness.errors import HarnessError, unknown_name
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
-# Settings that steer one invocation but not the training trajectory: they may differ on --resume.
+# Settings that may differ on --resume: they steer one invocation, not the trajectory (of batch_size
+# and grad_accum only the global batch, batch_size x grad_accum x processes, must match).
 RUN_CONTROLS = ("output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every",
                 "batch_size", "grad_accum")
 
@@ -85,13 +86,16 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~5 minutes on a 2-core CPU with SmolLM2-135M: the adaptation loss visibly falls.
+    # ~5 minutes on an idle 2-core CPU with SmolLM2-135M: the adaptation loss visibly falls
+    # (stratified t keeps a 4-sequence batch's loss readable).
     "quick": dict(steps=60, seq_len=128, batch_size=4, grad_accum=1, lr=3e-4, warmup_steps=5,
                   schedule="cosine", anneal=True, anneal_steps=30, weight_decay=0.0, grad_clip=1.0,
                   stratified_t=True, precision="fp32", checkpoint_every=0, keep_checkpoints=1,
                   log_every=1),
-    # DiffuGPT (arXiv 2410.17891, Sec. 4 / App.): AdamW, lr 3e-4 cosine, 2K warm-up,
-    # 10K attention-annealing steps, sequence length 1024, bf16 on GPUs.
+    # The paper presets fix the optimisation recipe, not the budget: set --steps, --batch-size and
+    # --grad-accum for your token budget and GPUs (DiffuGPT saw 30B FineWeb tokens).
+    # DiffuGPT (arXiv 2410.17891): AdamW, lr 3e-4 cosine, 2K warm-up, 10K attention-annealing steps,
+    # sequence length 1024, bf16 on GPUs.
     "paper": dict(seq_len=1024, lr=3e-4, schedule="cosine", warmup_steps=2000, anneal=True,
                   anneal_steps=10_000, precision="bf16", checkpoint_every=1000, keep_checkpoints=2,
                   log_every=10),
@@ -112,6 +116,9 @@ def build_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
             raise unknown_name("preset", preset, PRESETS)
         values.update(PRESETS[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if preset is not None and "steps" not in values:
+        raise HarnessError(f"preset '{preset}' fixes the recipe, not the budget: give --steps (and --batch-size, "
+                           "--grad-accum) for your token budget")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - fields)
     if unknown:

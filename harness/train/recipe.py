@@ -285,6 +285,9 @@ class AdaptRecipe:
 
     def load_trainer_state(self, checkpoint: Path) -> None:
         state = torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=False)
+        self.start_step, self.elapsed_before = state["step"], state["elapsed_s"]
+        if self.start_step >= self.cfg.steps:
+            return  # a finished run: nothing left to train
         if self.fsdp:
             from accelerate.utils import load_fsdp_optimizer
 
@@ -293,7 +296,6 @@ class AdaptRecipe:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.start_step, self.elapsed_before = state["step"], state["elapsed_s"]
 
     @property
     def fsdp(self) -> bool:
@@ -398,7 +400,8 @@ class AdaptRecipe:
             tmp.mkdir()
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(self.model)  # gathers FSDP shards; every process must call it
-        if self.fsdp:
+        resumable = step < cfg.steps  # final/ keeps no optimizer state (AdamW's is twice the weights)
+        if self.fsdp and resumable:
             from accelerate.utils import save_fsdp_optimizer
 
             save_fsdp_optimizer(acc.state.fsdp_plugin, acc, self.optimizer, self.model, str(tmp / "optimizer"))
@@ -412,7 +415,7 @@ class AdaptRecipe:
                          "tokens_seen": step * self.global_batch * cfg.seq_len, "step": step, "git_sha": git_sha()}
             (tmp / DIFFUSION_CONFIG).write_text(json.dumps(diffusion, indent=2))
             torch.save({"step": step, "sequences_seen": step * self.global_batch, "elapsed_s": elapsed_s,
-                        "optimizer": None if self.fsdp else self.optimizer.state_dict(),
+                        "optimizer": self.optimizer.state_dict() if resumable and not self.fsdp else None,
                         "scheduler": self.scheduler.state_dict(),
                         "rng": {"seed": cfg.seed, "scheme": "generators seeded by (seed, step, stream)"}},
                        tmp / TRAINER_STATE)
