@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
+from harness.perf import command
 from harness.perf.command import DEFAULTS, bench_model, bench_options, hardware_tag, is_untrained, untrained_dlm
 from harness.perf.probe import probe
 from harness.perf.throughput import Setting, count_generated, sweep, synthetic_prompts
@@ -142,8 +143,6 @@ def test_run_id_names_the_hardware(tiny_llama_dir, tmp_path, monkeypatch):
     options = {**TINY, "ar_modes": ["kv_cache"], "repeats": 1, "warmup": 0}
     here, _ = bench_model(str(tiny_llama_dir), options, suite=None, output=tmp_path, device="cpu", dtype=None,
                           seed=1, data_dir=None, log=lambda *a: None)
-    from harness.perf import command
-
     real = command.hardware_fingerprint
     monkeypatch.setattr(command, "hardware_fingerprint", lambda env, dtype: {**real(env, dtype), "gpu": "NVIDIA H100"})
     there, _ = bench_model(str(tiny_llama_dir), options, suite=None, output=tmp_path, device="cpu", dtype=None,
@@ -172,7 +171,7 @@ def test_suites_are_throughput_suites_with_known_options():
         options = bench_options(name, {})
         assert options["models"] and sweep(options)
     assert bench_options("speed-quality", {})["quality"]["limit"] == 10  # the suite's limit
-    with pytest.raises(HarnessError, match="eval suite"):
+    with pytest.raises(HarnessError, match="not a throughput suite"):
         bench_options("accuracy-quick", {})
 
 

@@ -8,7 +8,8 @@ BASE with a mask token added and run with full attention as a shifted DLM, with 
 timing only; its records say ``untrained: true``), built once and cached under
 ``harness.models.loading.cache_dir()``. The sweep and variants come from ``DEFAULTS``, then the
 suite's ``options``, then the command-line options (``--model`` replaces ``models``); the
-suite's ``model_args`` by family go to the backends (a DLM's ``block_length``, say).
+suite's ``model_args`` by family go to the backends (a DLM's ``block_length``, say). On a
+shared CPU ``--threads 1`` avoids oversubscribed OpenMP threads; the count is in every record.
 
 One run per model and machine: the run id ``bench-<model>-<hardware tag>-<hash>`` hashes the
 model's fingerprint, the sweep, the seed and the hardware fingerprint, so records from different
@@ -62,6 +63,8 @@ def bench(
     ar_modes: Optional[str] = typer.Option(None, "--ar-modes", help="kv_cache,no_cache,vllm"),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed requests per setting."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed requests per setting."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's); "
+                                          "recorded in the hardware fingerprint."),
 ) -> None:
     """Measure throughput, latency, memory and MFU over a sweep (a throughput suite or --model)."""
     from harness.catalog import catalog
@@ -80,6 +83,10 @@ def bench(
     check_output_dir(output)
     data = resolve_data_dir(data_dir)
     check_quality(options["quality"], data)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     for name in options["models"]:
         run_id, records = bench_model(name, options, suite=suite, output=output, device=device, dtype=dtype,
                                       seed=seed, data_dir=data, family_args=family_args, log=console.print)
@@ -106,7 +113,8 @@ def bench_options(suite: str | None, overrides: dict[str, Any]) -> dict[str, Any
     if suite:
         spec = catalog().suites.get(suite)
         if spec.kind != "throughput":
-            raise HarnessError(f"suite '{suite}' is a {spec.kind} suite: `harness run --suite {suite}` runs it")
+            raise HarnessError(f"suite '{suite}' is not a throughput suite (kind: {spec.kind}); "
+                               f"`harness run --suite {suite}` runs it")
         unknown = sorted(set(spec.options) - set(DEFAULTS))
         if unknown:
             raise HarnessError(f"{spec.path}: unknown option(s) {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
