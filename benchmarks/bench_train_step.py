@@ -1,8 +1,8 @@
 """Tokens/s of one adaptation training step against one plain causal-LM training step.
 
 Same model, batch, sequence length and optimizer (AdamW + grad clipping); the steps run
-interleaved so that load on a shared machine hits them alike; the median of the repetitions is
-reported. The adaptation step is timed twice: during annealing (random attention mask drawn each
+interleaved, in rotating order, so that load on a shared machine hits them alike; the median of
+the repetitions is reported. The adaptation step is timed twice: during annealing (random attention mask drawn each
 step) and after it (full attention). On CUDA it runs in bf16 autocast and also prints MFU against
 the peak of a large bf16 matmul measured in the same run.
 
@@ -111,9 +111,10 @@ def main() -> None:
         "adaptation, full attention": lambda m, x, s: adaptation_step(m, x, s, mask_id, 1.0),
     }
     seconds: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
     for rep in range(args.warmup + args.reps):
-        for name, fn in steps.items():
-            elapsed = timed(fn, model, optimizer, ids, rep, device, autocast)
+        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate: no step always runs first
+            elapsed = timed(steps[name], model, optimizer, ids, rep, device, autocast)
             if rep >= args.warmup:
                 seconds[name].append(elapsed)
 

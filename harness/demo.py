@@ -53,10 +53,10 @@ def main() -> None:
     for model, extra in (("smollm2-135m", []), (dlm, ["--model-args", "estimator=mc_time,samples=8"])):
         harness("run", "--model", model, "--suite", "accuracy-quick", "--limit", str(args.limit),
                 "--data-dir", data, *store, *extra)
-        harness("run", "--model", model, "--suite", "infilling-quick", "--limit", str(args.limit // 2),
-                "--allow-code-exec", "--data-dir", data, *store)
-    harness("bench", "--suite", "throughput-demo", "--model", "smollm2-135m", "--model", dlm,
-            "--data-dir", data, *store)
+        harness("run", "--model", model, "--tasks", "rocstories_infill,humaneval_infill_single", "--limit",
+                str(args.limit // 2), "--allow-code-exec", "--data-dir", data, *store)
+    harness("bench", "--suite", "throughput-quick", "--model", "smollm2-135m", "--model", dlm,
+            "--steps", "8", "--data-dir", data, *store)
     harness("report", "--all", "--out", args.out, *store)
     console.print(f"\n[bold green]demo finished in {(time.perf_counter() - started) / 60:.1f} min[/]; "
                   f"report: {Path(args.out) / 'index.html'} and {Path(args.out) / 'index.md'}")

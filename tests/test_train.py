@@ -186,7 +186,8 @@ def test_corpus_formats(tmp_path):
 def test_packing_puts_eos_between_documents(tiny_tokenizer):
     docs = ["The quick brown fox", "lazy dog", "a clear stone"]
     data = train_data.pack_documents(docs, tiny_tokenizer, seq_len=4)
-    stream = [i for d in docs for i in tiny_tokenizer(d, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]]
+    eos = tiny_tokenizer.eos_token_id
+    stream = [i for d in docs for i in tiny_tokenizer(d, add_special_tokens=False)["input_ids"] + [eos]]
     assert data.input_ids.flatten().tolist() == stream[: len(stream) // 4 * 4]
     assert (data.loss_start == 0).all()
 

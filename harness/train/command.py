@@ -39,11 +39,13 @@ def parse_betas(text: str | None) -> tuple[float, float] | None:
 
 
 def adapt(
-    data: str = typer.Option(..., "--data", "-d", help="Corpus (.txt/.jsonl/.json) or, with --sft, prompt/response pairs."),
+    data: str = typer.Option(..., "--data", "-d",
+                             help="Corpus (.txt/.jsonl/.json) or, with --sft, prompt/response pairs."),
     output: str = typer.Option("runs/adapt", "--output", "-o", help="Run directory (checkpoints, log, loss.png)."),
     base: str = typer.Option("smollm2-135m", "--base", help="AR model: card name, directory or hub id."),
     preset: Optional[str] = typer.Option(None, help=f"Settings preset: {', '.join(PRESETS)}; flags override it."),
-    sft: Optional[bool] = typer.Option(None, "--sft/--no-sft", help="Prompt/response fine-tuning (prompt never masked)."),
+    sft: Optional[bool] = typer.Option(None, "--sft/--no-sft",
+                                       help="Prompt/response fine-tuning (prompt never masked)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch per process."),
@@ -60,7 +62,7 @@ def adapt(
     min_t: Optional[float] = typer.Option(None, help="Smallest masking rate t ~ U(min_t, 1)."),
     stratified_t: Optional[bool] = typer.Option(None, "--stratified-t/--no-stratified-t",
                                                 help="Spread t over strata of the global batch (less noise)."),
-    precision: Optional[str] = typer.Option(None, help=f"Compute precision: {', '.join(PRECISIONS)} (bf16 = autocast)."),
+    precision: Optional[str] = typer.Option(None, help=f"{', '.join(PRECISIONS)} (bf16 = autocast, fp32 weights)."),
     seed: Optional[int] = typer.Option(None, help="Seed of data order, masking and annealing."),
     max_tokens: Optional[int] = typer.Option(None, help="Read at most this many corpus tokens (0: all)."),
     max_examples: Optional[int] = typer.Option(None, help="Use the first N documents or pairs (0: all)."),

@@ -8,7 +8,11 @@ Runs on one CPU, one GPU or many processes through Hugging Face Accelerate (DDP,
 the user's ``accelerate config``)::
 
     python -m harness.train.recipe --data corpus.txt --output runs/adapt --preset quick
-    accelerate launch --num_processes 2 -m harness.train.recipe --data corpus.txt ...
+    accelerate launch --num_processes 2 -m harness.train.recipe --data corpus.txt ...   # GPUs
+    torchrun --nproc_per_node 2 -m harness.train.recipe --data corpus.txt ...           # CPUs (gloo)
+
+(``accelerate launch --cpu`` starts a single process; on a CPU-only machine use torchrun or
+``accelerate launch --multi_gpu --num_processes N``, which fall back to gloo.)
 
 Output directory::
 
@@ -16,9 +20,9 @@ Output directory::
     train_log.jsonl          one line per logged step
     loss.png                 loss curve, written at the end
     checkpoint-{step}/       every checkpoint_every steps, newest keep_checkpoints kept
-    final/                   the last step
+    final/                   the last step (its trainer_state.pt holds no optimizer state)
     each checkpoint: config.json, model.safetensors, tokenizer files, diffusion_config.json,
-                     trainer_state.pt (optimizer, scheduler, data position, step)
+                     trainer_state.pt (optimizer, scheduler, data position, step, elapsed time)
 
 A checkpoint is written under ``.tmp-{name}`` and renamed into place, so a killed run never
 leaves a half checkpoint; ``--resume`` continues from the complete checkpoint with the highest
