@@ -9,7 +9,8 @@ timing only; its records say ``untrained: true``), built once and cached under
 ``harness.models.loading.cache_dir()``. The sweep and variants come from ``DEFAULTS``, then the
 suite's ``options``, then the command-line options (``--model`` replaces ``models``); the
 suite's ``model_args`` by family go to the backends (a DLM's ``block_length``, say). On a
-shared CPU ``--threads 1`` avoids oversubscribed OpenMP threads; the count is in every record.
+shared CPU ``threads: 1`` (``--threads 1``) avoids oversubscribed OpenMP threads; the count is in
+every record's hardware fingerprint.
 
 One run per model and machine: the run id ``bench-<model>-<hardware tag>-<hash>`` hashes the
 model's fingerprint, the sweep, the seed and the hardware fingerprint, so records from different
@@ -40,7 +41,7 @@ UNTRAINED = "untrained-dlm:"
 DEFAULTS: dict[str, Any] = {
     "models": [], "ar_modes": ["kv_cache", "no_cache"], "samplers": ["llada", "diffugpt", "threshold"],
     "gen_length": [64], "steps": [16, 64], "batch_size": [1], "prompt_length": [64], "grid": "axes",
-    "repeats": 3, "warmup": 1, "quality": None,
+    "repeats": 3, "warmup": 1, "threads": None, "quality": None,
 }
 QUALITY_KEYS = ("task", "limit", "metric", "task_options")
 
@@ -63,8 +64,8 @@ def bench(
     ar_modes: Optional[str] = typer.Option(None, "--ar-modes", help="kv_cache,no_cache,vllm"),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed requests per setting."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed requests per setting."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's); "
-                                          "recorded in the hardware fingerprint."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: the suite's, else "
+                                          "torch's); recorded in the hardware fingerprint."),
 ) -> None:
     """Measure throughput, latency, memory and MFU over a sweep (a throughput suite or --model)."""
     from harness.catalog import catalog
@@ -75,7 +76,7 @@ def bench(
 
     overrides = {"gen_length": _ints(gen_length), "steps": _ints(steps), "batch_size": _ints(batch_size),
                  "prompt_length": _ints(prompt_length), "samplers": _names(samplers), "ar_modes": _names(ar_modes),
-                 "repeats": repeats, "warmup": warmup, "models": list(model) if model else None}
+                 "repeats": repeats, "warmup": warmup, "threads": threads, "models": list(model) if model else None}
     options = bench_options(suite, {k: v for k, v in overrides.items() if v is not None})
     family_args = catalog().suites.get(suite).model_args if suite else {}
     if not options["models"]:
@@ -83,10 +84,10 @@ def bench(
     check_output_dir(output)
     data = resolve_data_dir(data_dir)
     check_quality(options["quality"], data)
-    if threads:
+    if options["threads"]:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(options["threads"])
     for name in options["models"]:
         run_id, records = bench_model(name, options, suite=suite, output=output, device=device, dtype=dtype,
                                       seed=seed, data_dir=data, family_args=family_args, log=console.print)
