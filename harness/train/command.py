@@ -41,7 +41,7 @@ def parse_betas(text: str | None) -> tuple[float, float] | None:
 def adapt(
     data: str = typer.Option(..., "--data", "-d",
                              help="Corpus (.txt/.jsonl/.json) or, with --sft, prompt/response pairs."),
-    output: str = typer.Option("runs/adapt", "--output", "-o", help="Run directory (checkpoints, log, loss.png)."),
+    output: str = typer.Option("runs/adapt", "--out", "--output", "-o", help="Run directory (checkpoints, log, loss.png)."),
     base: str = typer.Option("smollm2-135m", "--base", help="AR model: card name, directory or hub id."),
     preset: Optional[str] = typer.Option(None, help=f"Settings preset: {', '.join(PRESETS)}; flags override it."),
     sft: Optional[bool] = typer.Option(None, "--sft/--no-sft",
