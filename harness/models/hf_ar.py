@@ -121,15 +121,22 @@ class HFCausalLM(LanguageModel):
             allowed[i, :n, :n] = causal & same_branch
             allowed[i, n:, 0] = True  # padding queries look at one key, so no row is empty
         hidden = self.hidden_states(input_ids, position_ids, allowed)
-        scored = []
+        # One head matmul over every scored position of the batch, then split per branch.
+        rows_at, positions_at, target_ids, spans = [], [], [], []
         for i, (_, _, _, targets) in enumerate(layouts):
             for index, predictors, cont in targets:
-                logits = self.head(hidden[i, predictors]).float()
-                logprobs = torch.log_softmax(logits, dim=-1)
-                target = torch.tensor(cont)
-                picked = logprobs.gather(-1, target[:, None]).squeeze(-1)
-                greedy = bool((logprobs.argmax(-1) == target).all())
-                scored.append((index, float(picked.sum()), greedy, len(cont)))
+                spans.append((index, len(cont)))
+                rows_at += [i] * len(cont)
+                positions_at += predictors
+                target_ids += cont
+        logprobs = torch.log_softmax(self.head(hidden[rows_at, positions_at]).float(), dim=-1)
+        target = torch.tensor(target_ids, device=logprobs.device)
+        picked = logprobs.gather(-1, target[:, None]).squeeze(-1).tolist()
+        hits = (logprobs.argmax(-1) == target).tolist()
+        scored, offset = [], 0
+        for index, n in spans:
+            scored.append((index, float(sum(picked[offset:offset + n])), all(hits[offset:offset + n]), n))
+            offset += n
         return scored
 
     def hidden_states(self, input_ids, position_ids, allowed):
