@@ -78,3 +78,16 @@ def test_generate_stops_and_counts_tokens(tiny_llama_dir):
     assert 0 < out.n_tokens <= 5 and out.nfe == out.n_tokens
     filled = lm.infill([InfillRequest("def add(a, b):", "\n", n_tokens=4)])[0]
     assert filled.n_tokens == 4 and filled.extra["infill_mode"] == "prefix"
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_model_dir):
+    """Left-padded batches with mixed budgets give each row what decoding it alone gives."""
+    prompts = ["The quick", "Question: How do I boil an egg?\nAnswer:", "def add(a, b):", "In my palm is a"]
+    generate = [GenerateRequest(p, max_tokens=3 + 2 * i, until=("\n",) if i % 2 else ()) for i, p in enumerate(prompts)]
+    infill = [InfillRequest(p, " stone.", n_tokens=2 + i) for i, p in enumerate(prompts)]
+    alone, batched = backend(tiny_model_dir, batch_size=1), backend(tiny_model_dir, batch_size=4)
+    for method, requests in (("generate", generate), ("infill", infill)):
+        one = [getattr(alone, method)([r])[0] for r in requests]
+        many = getattr(batched, method)(requests)
+        assert [(r.text, r.n_tokens) for r in many] == [(r.text, r.n_tokens) for r in one]
+    assert [r.n_tokens for r in batched.infill(infill)] == [2, 3, 4, 5]

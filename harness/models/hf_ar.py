@@ -170,39 +170,78 @@ class HFCausalLM(LanguageModel):
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerationResult]:
-        return [self._generate_one(r.context, token_budget(r.max_tokens, r.reference, self.encode), r.until)
-                for r in requests]
+        jobs = [GenerationJob(i, self.encode(r.context), token_budget(r.max_tokens, r.reference, self.encode),
+                              tuple(r.until), exact=False) for i, r in enumerate(requests)]
+        return self._run_jobs(jobs)
 
     def infill(self, requests: Sequence[InfillRequest]) -> list[GenerationResult]:
         """AR infilling: the prefix alone, or lm-eval's suffix-then-prefix re-ordering."""
-        out = []
-        for r in requests:
+        jobs = []
+        for i, r in enumerate(requests):
             context = r.prefix if self.infill_mode == "prefix" else f"{r.suffix}\n\n{r.prefix}"
-            n_tokens = token_budget(r.n_tokens, r.reference, self.encode)
-            result = self._generate_one(context, n_tokens, (), exact_tokens=True)
+            jobs.append(GenerationJob(i, self.encode(context), token_budget(r.n_tokens, r.reference, self.encode),
+                                      (), exact=True))
+        results = self._run_jobs(jobs)
+        for result in results:
             result.extra["infill_mode"] = self.infill_mode
-            out.append(result)
-        return out
+        return results
+
+    def _run_jobs(self, jobs: list["GenerationJob"]) -> list[GenerationResult]:
+        """Greedy decoding in left-padded batches of jobs with the same stop settings, similar lengths."""
+        results: list[GenerationResult | None] = [None] * len(jobs)
+        groups: dict[tuple, list[GenerationJob]] = {}
+        for job in jobs:
+            groups.setdefault((job.until, job.exact), []).append(job)
+        for group in groups.values():
+            group.sort(key=lambda job: (-job.max_tokens, -len(job.ids)))
+            for index, result in self.batch.run(group, self._generate_batch):
+                results[index] = result
+        return results  # type: ignore[return-value]
 
     @torch.no_grad()
-    def _generate_one(self, context: str, max_tokens: int, until: Sequence[str],
-                      exact_tokens: bool = False) -> GenerationResult:
-        ids = self.encode(context) or [self.prefix_token]
-        ids = ids[-(self.max_length - max_tokens):] if max_tokens < self.max_length else ids[-1:]
-        input_ids = torch.tensor([ids], device=self.device)
-        start = time.perf_counter()
-        kwargs: dict[str, Any] = dict(max_new_tokens=max_tokens, do_sample=False,
-                                      attention_mask=torch.ones_like(input_ids),
-                                      pad_token_id=self.tokenizer.eos_token_id)
-        if exact_tokens:
-            kwargs["min_new_tokens"] = max_tokens
+    def _generate_batch(self, jobs: list["GenerationJob"]) -> list[tuple[int, GenerationResult]]:
+        """Each row keeps the first ``max_tokens`` of the batch's greedy continuation, which is what
+        decoding it alone gives (rows are independent, up to float rounding from the padding).
+        Finished rows are filled with EOS, which ends them."""
+        budget = max(job.max_tokens for job in jobs)
+        contexts = [self.fit(job.ids or [self.prefix_token], budget) for job in jobs]
+        width = max(len(ids) for ids in contexts)
+        eos = self.tokenizer.eos_token_id
+        pad = eos if eos is not None else self.tokenizer.pad_token_id
+        input_ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, ids in enumerate(contexts):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        until, exact = jobs[0].until, jobs[0].exact
+        kwargs: dict[str, Any] = dict(max_new_tokens=budget, do_sample=False, pad_token_id=pad,
+                                      attention_mask=attention_mask.to(self.device))
+        if exact:
+            kwargs["min_new_tokens"] = budget
         if until:
             kwargs["stop_strings"], kwargs["tokenizer"] = list(until), self.tokenizer
-        output = self.model.generate(input_ids, **kwargs)[0, len(ids):].tolist()
+        start = time.perf_counter()
+        outputs = self.model.generate(input_ids.to(self.device), **kwargs)[:, width:].tolist()
         latency = time.perf_counter() - start
-        eos = self.tokenizer.eos_token_id
-        if not exact_tokens and eos in output:
-            output = output[:output.index(eos)]
-        text = truncate_at_stops(self.tokenizer.decode(output, skip_special_tokens=True), until)
-        return GenerationResult(text=text, n_tokens=len(output), nfe=len(output), latency_s=latency)
+        done = []
+        for job, output in zip(jobs, outputs):
+            output = output[:job.max_tokens]
+            if not exact and eos in output:
+                output = output[:output.index(eos)]
+            text = truncate_at_stops(self.tokenizer.decode(output, skip_special_tokens=True), until)
+            done.append((job.index, GenerationResult(text=text, n_tokens=len(output), nfe=len(output),
+                                                     latency_s=latency, extra={"batch_rows": len(jobs)})))
+        return done
 
+    def fit(self, ids: list[int], max_tokens: int) -> list[int]:
+        """Keep the context's tail so that it and ``max_tokens`` new tokens fit the model."""
+        return ids[-(self.max_length - max_tokens):] if max_tokens < self.max_length else ids[-1:]
+
+
+@dataclass
+class GenerationJob:
+    index: int
+    ids: list[int]
+    max_tokens: int
+    until: tuple[str, ...]
+    exact: bool
