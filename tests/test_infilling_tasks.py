@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 CODE_TASKS = {"humaneval_infill_single": 1033, "humaneval_infill_multi": 5815, "humaneval_infill_span": 1640,
               "humaneval_infill_span_light": 164, "humaneval": 164}
 # Canonical solutions run per task; HARNESS_CANONICAL_SAMPLE=0 runs every one (8,816, a few minutes).
-SAMPLE = int(os.environ.get("HARNESS_CANONICAL_SAMPLE", 50)) or None
+SAMPLE = int(os.environ.get("HARNESS_CANONICAL_SAMPLE", 50))
 
 
 def task(name, data_dir, **options):
