@@ -23,12 +23,12 @@ from harness.validate import lm_eval_hf, lm_eval_loglikelihoods
 
 
 def forwarded_tokens_harness(lm, requests) -> int:
-    return sum(row.length - len(row.branches) for row in lm.pack([lm.encode_pair(r.context, r.continuation)
+    return sum(row.length - len(row.branches) for row in lm.pack([lm.encode_pair(r)
                                                                    for r in requests]))
 
 
 def forwarded_tokens_lm_eval(lm, requests) -> int:
-    return sum(len(c) + len(k) - 1 for c, k in (lm.encode_pair(r.context, r.continuation) for r in requests))
+    return sum(len(c) + len(k) - 1 for c, k in (lm.encode_pair(r) for r in requests))
 
 
 def main() -> None:

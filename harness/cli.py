@@ -36,7 +36,7 @@ def run(
     batch_size: str = typer.Option("16", "--batch-size", help="Requests per batch, or 'auto'."),
     device: str = typer.Option("cpu", "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the card's)."),
-    seed: int = typer.Option(1234, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Default 1234, or each of the suite's seeds."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local data folder (or $HARNESS_DATA_DIR)."),
     output: Path = typer.Option(Path("runs"), "--output", help="Folder for the store and per-run files."),
     model_args: Optional[str] = typer.Option(None, "--model-args", help="k=v,... passed to the backend."),
@@ -55,20 +55,24 @@ def run(
     family = "diffusion" if resolve_card(model).backend == "diffusion" else "ar"
     suite_args = suite_spec.model_args.get(family, {}) if suite_spec else {}
     args = {**suite_args, **parse_model_args(model_args)}
-    task_options = {n: {**(suite_spec.options.get(n, {}) if suite_spec else {}),
+    task_options = {n: {**(suite_spec.task_options(n, family) if suite_spec else {}),
                         **({"allow_code_exec": True} if allow_code_exec else {})} for n in names}
-    config = RunConfig(model=model, tasks=names, suite=suite, seed=seed, batch_size=batch_size, device=device,
-                       dtype=dtype, model_args=args, data_dir=resolve_data_dir(data_dir), output=output,
-                       limit=limit if limit is not None else (suite_spec.limit if suite_spec else None),
-                       task_options={n: o for n, o in task_options.items() if o})
-    with progress_bar() as progress:
-        results = evaluate(config, progress=progress)
-    if results:
-        reused = sum(results["harness"]["reused_records"].values())
-        if reused:
-            console.print(f"resumed: {reused} stored documents were not scored again")
-        print_results(results)
-        console.print(f"run [bold]{results['harness']['run_id']}[/] stored in {results['harness']['store']}")
+    seeds = [seed] if seed is not None else list(suite_spec.seeds if suite_spec and suite_spec.seeds else [1234])
+    for run_seed in seeds:
+        config = RunConfig(model=model, tasks=names, suite=suite, seed=run_seed, batch_size=batch_size,
+                           device=device, dtype=dtype, model_args=args, data_dir=resolve_data_dir(data_dir),
+                           output=output, limit=limit if limit is not None else (suite_spec.limit if suite_spec else None),
+                           task_options={n: o for n, o in task_options.items() if o})
+        if len(seeds) > 1:
+            console.print(f"seed {run_seed} ({seeds.index(run_seed) + 1} of {len(seeds)})")
+        with progress_bar() as progress:
+            results = evaluate(config, progress=progress)
+        if results:
+            reused = sum(results["harness"]["reused_records"].values())
+            if reused:
+                console.print(f"resumed: {reused} stored documents were not scored again")
+            print_results(results)
+            console.print(f"run [bold]{results['harness']['run_id']}[/] stored in {results['harness']['store']}")
 
 
 def print_results(results: dict) -> None:

@@ -13,6 +13,7 @@ import yaml
 
 from harness.errors import HarnessError
 
+FAMILIES = ("ar", "diffusion")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = REPO_ROOT / "suites"
 BASELINES_DIR = REPO_ROOT / "baselines"
@@ -25,6 +26,8 @@ class DiffusionSpec:
     mask_id: int | None = None
     estimator: str = "mc_time"
     sampler: str = "llada"
+    greedy: str = "parallel"  # is_greedy: parallel (one pass) | sequential (SMDM, LLaDA)
+    start_token: str = "bos"  # bos: the tokenizer's BOS (else EOS) before every prompt | none (DiffuGPT)
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,18 @@ class SuiteSpec:
     # backend arguments by model family: {"ar": {...}, "diffusion": {...}}
     model_args: dict[str, Any] = field(default_factory=dict)
     kind: str = "eval"  # eval | throughput
-    # eval suites: per-task options {task: {option: value}}; throughput suites: the sweep
+    # eval suites: per-task options {task: {option: value, ar: {...}, diffusion: {...}}} (the family
+    # keys hold options for that model family only); throughput suites: the sweep
     options: dict[str, Any] = field(default_factory=dict)
+    # seeds to run the suite with, one run each (the paper protocols sample); empty: the run's seed
+    seeds: tuple[int, ...] = ()
     path: str = ""
+
+    def task_options(self, task: str, family: str) -> dict[str, Any]:
+        """The suite's options for ``task`` when run by a model of ``family`` (ar | diffusion)."""
+        options = dict(self.options.get(task, {}))
+        shared = {k: v for k, v in options.items() if k not in FAMILIES}
+        return {**shared, **options.get(family, {})}
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -129,14 +141,20 @@ def load_task_spec(path: Path) -> TaskSpec:
 
 def load_suite_spec(path: Path) -> SuiteSpec:
     data = read_yaml(path)
-    if isinstance(data.get("tasks"), list):
-        data["tasks"] = tuple(data["tasks"])
+    for key in ("tasks", "seeds"):
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
     suite = build(SuiteSpec, data, path)
-    families = set(suite.model_args) - {"ar", "diffusion"}
+    families = set(suite.model_args) - set(FAMILIES)
     if families:
         raise HarnessError(f"{path}: model_args takes the families 'ar' and 'diffusion', not {sorted(families)}")
     if suite.kind == "eval":
         strays = sorted(set(suite.options) - set(suite.tasks))
         if strays:
             raise HarnessError(f"{path}: options name task(s) the suite does not run: {', '.join(strays)}")
+        for task, options in suite.options.items():
+            if not isinstance(options, dict) or any(not isinstance(options.get(f, {}), dict) for f in FAMILIES):
+                raise HarnessError(f"{path}: options of '{task}' must be a mapping (ar/diffusion: mappings)")
+    if not all(isinstance(seed, int) for seed in suite.seeds):
+        raise HarnessError(f"{path}: seeds must be a list of integers")
     return suite

@@ -58,12 +58,23 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(text).name or text)[:40]
 
 
-def with_suite_options(config: RunConfig) -> RunConfig:
-    """Fold the suite's per-task options (``options: {task: {option: value}}``) under the command's own,
-    so they are part of the run's identity."""
-    suite_options = catalog().suites.get(config.suite).options if config.suite else {}
-    merged = {name: {**options, **config.task_options.get(name, {})}
-              for name, options in suite_options.items() if name in config.tasks}
+def model_family(name: str, model: LanguageModel | None = None) -> str:
+    """``diffusion`` or ``ar``: which of a suite's per-family settings apply."""
+    if model is not None:
+        return "diffusion" if model.is_diffusion else "ar"
+    from harness.models.factory import resolve_card
+
+    return "diffusion" if resolve_card(name).backend == "diffusion" else "ar"
+
+
+def with_suite_options(config: RunConfig, family: str) -> RunConfig:
+    """Fold the suite's per-task options for this model family under the command's own, so they are
+    part of the run's identity."""
+    suite = catalog().suites.get(config.suite) if config.suite else None
+    if suite is None:
+        return config
+    merged = {name: {**suite.task_options(name, family), **config.task_options.get(name, {})}
+              for name in suite.options if name in config.tasks}
     return replace(config, task_options={**config.task_options, **merged}) if merged else config
 
 
@@ -72,12 +83,9 @@ def evaluate(config: RunConfig, model: LanguageModel | None = None, progress=Non
     if config.limit is not None and config.limit < 1:
         raise HarnessError(f"--limit must be a positive integer, got {config.limit}")
     check_output_dir(config.output)
-    config = with_suite_options(config)
+    # an unknown model name fails here, before any data is read
+    config = with_suite_options(config, model_family(config.model, model))
     rank, size = distributed.init()
-    if model is None:
-        from harness.models.factory import resolve_card
-
-        resolve_card(config.model)  # an unknown name fails before any data is read
     tasks = [catalog().task(name, config.data_dir, config.task_options.get(name)) for name in config.tasks]
     for task in tasks:
         task.docs()  # fail on missing data before loading any weights

@@ -21,7 +21,7 @@ def backend(path, batch_size=16):
 
 
 def plain_loglikelihood(lm, request):
-    context, continuation = lm.encode_pair(request.context, request.continuation)
+    context, continuation = lm.encode_pair(request)
     ids = torch.tensor([context + continuation])
     with torch.no_grad():
         logprobs = torch.log_softmax(lm.model(ids).logits[0].float(), -1)
@@ -47,7 +47,7 @@ def test_batch_size_invariance(tiny_model_dir):
 
 def test_trailing_space_moves_to_continuation(tiny_llama_dir):
     lm = backend(tiny_llama_dir)
-    context, continuation = lm.encode_pair("so ", "she")
+    context, continuation = lm.encode_pair(LoglikelihoodRequest("so ", "she"))
     assert lm.tokenizer.decode(continuation) == " she" and lm.tokenizer.decode(context) == "so"
 
 
@@ -58,7 +58,7 @@ def test_greedy_continuation_is_flagged(tiny_llama_dir):
     with torch.no_grad():
         next_id = int(lm.model(torch.tensor([ids])).logits[0, -1].argmax())
     continuation = lm.tokenizer.decode(lm.encode(context) + [next_id])[len(context):]
-    if lm.encode_pair(context, continuation)[1] == [next_id]:
+    if lm.encode_pair(LoglikelihoodRequest(context, continuation))[1] == [next_id]:
         assert lm.loglikelihood([LoglikelihoodRequest(context, continuation)])[0].is_greedy
 
 
@@ -91,3 +91,22 @@ def test_batched_generation_equals_one_at_a_time(tiny_model_dir):
         many = getattr(batched, method)(requests)
         assert [(r.text, r.n_tokens) for r in many] == [(r.text, r.n_tokens) for r in one]
     assert [r.n_tokens for r in batched.infill(infill)] == [2, 3, 4, 5]
+
+
+def test_segments_are_encoded_alone_and_concatenated(tiny_llama_dir):
+    lm = backend(tiny_llama_dir)
+    request = LoglikelihoodRequest("Question: boil?\nAnswer: ", " put it", segments=(" put", " it"))
+    context, continuation = lm.encode_pair(request)
+    assert context == lm.encode("Question: boil?\nAnswer: ")
+    assert continuation == lm.encode(" put") + lm.encode(" it")
+    [scored] = lm.loglikelihood([request])
+    expected, _ = plain_loglikelihood(lm, request)
+    assert abs(scored.logprob - expected) < 1e-4 and scored.n_tokens == len(continuation)
+
+
+def test_requests_over_max_input_tokens_are_skipped(tiny_llama_dir):
+    lm = backend(tiny_llama_dir)
+    short, long = (InfillRequest("def f(x):", "\n", 4, gen_kwargs={"max_input_tokens": budget}) for budget in (50, 5))
+    kept, skipped = lm.infill([short, long])
+    assert kept.n_tokens == 4 and "skipped" not in kept.extra
+    assert skipped.text == "" and skipped.extra["skipped"].endswith("> 5")

@@ -43,7 +43,8 @@ def test_run_stores_estimator_settings_and_per_example_stderr(tiny_dlm_dir, data
                        output=tmp_path, model_args={"estimator": "mc_time", "samples": 4})
     results = evaluate(config)
     fingerprint = results["config"]["model_fingerprint"]
-    assert fingerprint["estimator"] == {"method": "mc_time", "samples": 4, "eps": 1e-3, "cfg_scale": 0.0}
+    assert fingerprint["estimator"] == {"method": "mc_time", "samples": 4, "eps": 1e-3, "cfg_scale": 0.0,
+                                          "greedy": "parallel"}
     samples = (tmp_path / results["harness"]["run_id"] / "samples_piqa.jsonl").read_text().splitlines()
     stderrs = json.loads(samples[0])["loglikelihood_stderrs"]
     assert len(stderrs) == 2 and all(s > 0 for s in stderrs)

@@ -93,8 +93,9 @@ def test_chain_rule_is_the_left_to_right_product(model):
     assert est.stderr == 0.0 and est.nfe == len(CONTINUATION)
 
 
-def test_paper_grid_on_one_token_is_its_fully_masked_logprob(model):
-    [est] = estimate(model, [LikelihoodRequest(CONTEXT, [7], "q")], mask_id=MASK, method="paper_grid", samples=8)
+def test_paper_grid_forced_on_one_token_is_its_fully_masked_logprob(model):
+    [est] = estimate(model, [LikelihoodRequest(CONTEXT, [7], "q")], mask_id=MASK, method="paper_grid_forced",
+                     samples=8)
     assert est.logprob == pytest.approx(token_logprobs(model, CONTEXT, [7], {0}).item(), abs=1e-5)
     assert est.stderr == pytest.approx(0.0, abs=1e-6) and est.nfe == 8
 

@@ -18,6 +18,9 @@ class LoglikelihoodRequest:
     context: str
     continuation: str
     group: str = ""
+    # Non-empty: the context is encoded alone and each segment alone, then concatenated (the
+    # DiffuGPT/DiffuLLaMA scripts' tokenisation); empty: lm-eval's split of the concatenation.
+    segments: tuple[str, ...] = ()
 
 
 @dataclass
@@ -52,7 +55,8 @@ class GenerateRequest:
     context: str
     max_tokens: int
     until: tuple[str, ...] = ()
-    reference: str | None = None  # oracle length: the backend counts the reference's tokens
+    reference: str | tuple[str, ...] | None = None  # oracle length: the backend counts its tokens
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)  # per-task sampler settings (GEN_KWARGS)
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,8 @@ class InfillRequest:
     prefix: str
     suffix: str
     n_tokens: int
-    reference: str | None = None  # oracle length: the backend counts the reference's tokens
+    reference: str | tuple[str, ...] | None = None  # oracle length: the backend counts its tokens
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)  # per-task sampler settings (GEN_KWARGS)
 
 
 @dataclass
@@ -102,9 +107,13 @@ class LanguageModel(ABC):
         ...
 
 
-def token_budget(tokens: int, reference: str | None, encode: Callable[[str], list[int]]) -> int:
-    """Tokens a request may produce: ``tokens``, plus the reference's token count when it has one."""
-    return tokens if reference is None else tokens + len(encode(reference))
+def token_budget(tokens: int, reference: str | tuple[str, ...] | None, encode: Callable[[str], list[int]]) -> int:
+    """Tokens a request may produce: ``tokens``, plus the reference's token count when it has one
+    (several references: the longest in tokens, as the DiffuGPT scripts count)."""
+    if reference is None:
+        return tokens
+    references = (reference,) if isinstance(reference, str) else reference
+    return tokens + max(len(encode(r)) for r in references)
 
 
 def split_pair(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -117,6 +126,18 @@ def split_pair(encode, context: str, continuation: str) -> tuple[list[int], list
         return [], encode(continuation)
     context_ids = encode(context)
     return context_ids, encode(context + continuation)[len(context_ids):]
+
+
+# Keys a task may set in a request's ``gen_kwargs``. Diffusion samplers read ``steps``,
+# ``temperature`` and ``top_p`` over the model's own settings; ``max_input_tokens`` skips a request
+# whose prompt and fill exceed it (the result is empty, with ``extra["skipped"]``); ``stages`` > 1
+# decodes again after the decoded text of the previous stage (SMDM's two-stage GSM8K).
+GEN_KWARGS = ("steps", "temperature", "top_p", "max_input_tokens", "stages")
+
+
+def encode_segments(encode, context: str, segments: Sequence[str]) -> tuple[list[int], list[int]]:
+    """The context and each continuation segment encoded alone, the segments concatenated."""
+    return encode(context) if context else [], [token for segment in segments for token in encode(segment)]
 
 
 def truncate_at_stops(text: str, until: Sequence[str]) -> str:

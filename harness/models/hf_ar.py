@@ -16,7 +16,7 @@ import torch
 
 from harness.models.base import (GenerateRequest, GenerationResult, InfillRequest, LanguageModel,
                                  LoglikelihoodRequest, LoglikelihoodResult, RollingRequest,
-                                 RollingResult, split_pair, token_budget, truncate_at_stops)
+                                 RollingResult, encode_segments, split_pair, token_budget, truncate_at_stops)
 from harness.models.batching import AutoBatch
 
 
@@ -58,14 +58,18 @@ class HFCausalLM(LanguageModel):
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's split; an empty context becomes the prefix token, as in lm-eval."""
-        context_ids, continuation_ids = split_pair(self.encode, context, continuation)
+    def encode_pair(self, request: LoglikelihoodRequest) -> tuple[list[int], list[int]]:
+        """lm-eval's split (or the request's separately encoded segments); an empty context becomes
+        the prefix token, as in lm-eval."""
+        if request.segments:
+            context_ids, continuation_ids = encode_segments(self.encode, request.context, request.segments)
+        else:
+            context_ids, continuation_ids = split_pair(self.encode, request.context, request.continuation)
         return context_ids or [self.prefix_token], continuation_ids
 
     # ---- log-likelihood -----------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
-        rows = self.pack([self.encode_pair(r.context, r.continuation) for r in requests])
+        rows = self.pack([self.encode_pair(r) for r in requests])
         results: list[LoglikelihoodResult | None] = [None] * len(requests)
         rows.sort(key=lambda row: -row.length)
         for index, logprob, greedy, n in self.batch.run(rows, self.score_rows, weight=lambda row: len(row.branches)):
@@ -170,8 +174,11 @@ class HFCausalLM(LanguageModel):
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerationResult]:
+        """Greedy decoding; of a request's gen_kwargs only ``max_input_tokens`` applies (the sampler
+        settings are the diffusion samplers')."""
         jobs = [GenerationJob(i, self.encode(r.context), token_budget(r.max_tokens, r.reference, self.encode),
-                              tuple(r.until), exact=False) for i, r in enumerate(requests)]
+                              tuple(r.until), exact=False, max_input=r.gen_kwargs.get("max_input_tokens"))
+                for i, r in enumerate(requests)]
         return self._run_jobs(jobs)
 
     def infill(self, requests: Sequence[InfillRequest]) -> list[GenerationResult]:
@@ -180,17 +187,23 @@ class HFCausalLM(LanguageModel):
         for i, r in enumerate(requests):
             context = r.prefix if self.infill_mode == "prefix" else f"{r.suffix}\n\n{r.prefix}"
             jobs.append(GenerationJob(i, self.encode(context), token_budget(r.n_tokens, r.reference, self.encode),
-                                      (), exact=True))
+                                      (), exact=True, max_input=r.gen_kwargs.get("max_input_tokens")))
         results = self._run_jobs(jobs)
         for result in results:
             result.extra["infill_mode"] = self.infill_mode
         return results
 
     def _run_jobs(self, jobs: list["GenerationJob"]) -> list[GenerationResult]:
-        """Greedy decoding in left-padded batches of jobs with the same stop settings, similar lengths."""
+        """Greedy decoding in left-padded batches of jobs with the same stop settings, similar lengths;
+        a job over its ``max_input`` tokens (context and budget) is skipped with an empty result."""
         results: list[GenerationResult | None] = [None] * len(jobs)
         groups: dict[tuple, list[GenerationJob]] = {}
         for job in jobs:
+            size = len(job.ids) + job.max_tokens
+            if job.max_input is not None and size > job.max_input:
+                results[job.index] = GenerationResult(text="", n_tokens=0, nfe=0,
+                                                      extra={"skipped": f"{size} tokens > {job.max_input}"})
+                continue
             groups.setdefault((job.until, job.exact), []).append(job)
         for group in groups.values():
             group.sort(key=lambda job: (-job.max_tokens, -len(job.ids)))
@@ -245,3 +258,4 @@ class GenerationJob:
     max_tokens: int
     until: tuple[str, ...]
     exact: bool
+    max_input: int | None = None

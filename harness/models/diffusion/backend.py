@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -17,15 +18,18 @@ from harness.config import ModelCard
 from harness.errors import HarnessError
 from harness.models.base import (GenerateRequest, GenerationResult, InfillRequest, LanguageModel,
                                  LoglikelihoodRequest, LoglikelihoodResult, RollingRequest, RollingResult,
-                                 split_pair, token_budget, truncate_at_stops)
+                                 encode_segments, split_pair, token_budget, truncate_at_stops)
 from harness.models.batching import parse_batch_size
-from harness.models.diffusion.estimators import METHODS, LikelihoodRequest, estimate
+from harness.models.diffusion.estimators import GREEDY_CHECKS, METHODS, LikelihoodRequest, estimate
 from harness.models.diffusion.formats import Denoiser, load_denoiser
 from harness.models.diffusion.samplers import SAMPLERS, FillRequest
 from harness.tasks.base import stable_hash
 
 ESTIMATOR_SETTINGS = ("samples", "eps", "cfg_scale")
 SAMPLER_SETTINGS = ("steps", "block_length", "temperature", "top_p", "threshold", "remasking", "cfg_scale")
+# what a request's gen_kwargs may override in the sampler settings
+REQUEST_SAMPLER_SETTINGS = ("steps", "temperature", "top_p")
+START_TOKENS = ("bos", "none")
 
 
 class DiffusionLM(LanguageModel):
@@ -35,28 +39,36 @@ class DiffusionLM(LanguageModel):
                  batch_size: int | str = 16, estimator: str = "mc_time", samples: int = 32, eps: float = 1e-3,
                  cfg_scale: float = 0.0, sampler: str = "llada", steps: int | None = None,
                  block_length: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                 threshold: float = 0.9, remasking: str = "low_confidence", base_model: str | None = None):
+                 threshold: float = 0.9, remasking: str = "low_confidence", base_model: str | None = None,
+                 greedy: str = "parallel", start_token: str = "bos"):
         if estimator not in METHODS:
             raise HarnessError(f"unknown estimator '{estimator}' (known: {', '.join(METHODS)})")
         if sampler not in SAMPLERS:
             raise HarnessError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
+        if greedy not in GREEDY_CHECKS:
+            raise HarnessError(f"unknown greedy check '{greedy}' (known: {', '.join(GREEDY_CHECKS)})")
+        if start_token not in START_TOKENS:
+            raise HarnessError(f"unknown start_token '{start_token}' (known: {', '.join(START_TOKENS)})")
         size, auto = parse_batch_size(batch_size)
         self.rows_per_call = size
         self.denoiser, self.name, self.dtype, self.device = denoiser, name, dtype, device
         self.tokenizer = denoiser.tokenizer
-        self.estimator = {"method": estimator, "samples": int(samples), "eps": float(eps), "cfg_scale": float(cfg_scale)}
+        self.estimator = {"method": estimator, "samples": int(samples), "eps": float(eps), "cfg_scale": float(cfg_scale),
+                          "greedy": greedy}
         self.sampler = {"name": sampler, "steps": steps, "block_length": block_length, "temperature": float(temperature),
                         "top_p": float(top_p), "threshold": float(threshold), "remasking": remasking,
                         "cfg_scale": float(cfg_scale)}
         bos = self.tokenizer.bos_token_id
         self.prefix_token = bos if bos is not None else self.tokenizer.eos_token_id
+        self.start_token = start_token
         self.forward_passes = 0
         self.base_model = base_model
 
     @classmethod
     def from_card(cls, card: ModelCard, *, device: str, dtype: str, batch_size: int | str, **args: Any) -> "DiffusionLM":
         spec = card.diffusion
-        load_args = {k: args.pop(k) for k in ("format", "mask_id", "tokenizer", "config") if k in args}
+        load_args = {k: args.pop(k) for k in ("format", "mask_id", "tokenizer", "config", "rope_cache_dtype")
+                     if k in args}
         source = card.weights.get("path") or card.weights.get("hub")
         if source is None:
             raise HarnessError(f"diffusion model '{card.name}' needs weights.path or weights.hub")
@@ -69,6 +81,8 @@ class DiffusionLM(LanguageModel):
         args.setdefault("base_model", diffusion_base_model(source))
         args.setdefault("estimator", spec.estimator if spec else "mc_time")
         args.setdefault("sampler", spec.sampler if spec else "llada")
+        args.setdefault("greedy", spec.greedy if spec else "parallel")
+        args.setdefault("start_token", spec.start_token if spec else "bos")
         try:
             return cls(denoiser, name=card.name, dtype=dtype, device=device, batch_size=batch_size, **args)
         except TypeError as exc:
@@ -81,7 +95,8 @@ class DiffusionLM(LanguageModel):
                 "base_model": self.base_model,
                 "kind": "shifted" if d.shifted else "unshifted", "mask_id": d.mask_id, "dtype": self.dtype,
                 "device": self.device, "batch_size": self.rows_per_call, "estimator": self.estimator,
-                "sampler": self.sampler, "seed": self.seed}
+                "sampler": self.sampler, "seed": self.seed, "start_token": self.start_token,
+                **({"load": d.settings} if getattr(d, "settings", None) else {})}
 
     # ---- the aligned denoiser -------------------------------------------------------------
     @torch.no_grad()
@@ -96,11 +111,21 @@ class DiffusionLM(LanguageModel):
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's split, after a prefix token: a shifted model needs a position before the first
-        token it predicts."""
-        context_ids, continuation_ids = split_pair(self.encode, context, continuation)
-        return [self.prefix_token] + context_ids, continuation_ids
+    def start(self, ids: list[int]) -> list[int]:
+        """``ids`` after the start token (``start_token=bos``: the tokenizer's BOS, else its EOS;
+        ``none``: nothing, as the DiffuGPT scripts give GPT-2; a shifted model still gets one before
+        an empty context, since it needs a position before the first token it predicts)."""
+        if self.start_token == "bos" or not ids and self.denoiser.shifted:
+            return [self.prefix_token] + ids
+        return ids
+
+    def encode_pair(self, request: LoglikelihoodRequest) -> tuple[list[int], list[int]]:
+        """lm-eval's split (or the request's separately encoded segments), after the start token."""
+        if request.segments:
+            context_ids, continuation_ids = encode_segments(self.encode, request.context, request.segments)
+        else:
+            context_ids, continuation_ids = split_pair(self.encode, request.context, request.continuation)
+        return self.start(context_ids), continuation_ids
 
     def fit_context(self, context: list[int], continuation: list[int]) -> list[int]:
         room = self.denoiser.max_length - len(continuation)
@@ -111,7 +136,7 @@ class DiffusionLM(LanguageModel):
 
     # ---- log-likelihood ---------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
-        pairs = [self.encode_pair(r.context, r.continuation) for r in requests]
+        pairs = [self.encode_pair(r) for r in requests]
         estimates = self._estimate([(self.fit_context(c, k), k) for c, k in pairs],
                                    [stable_hash([r.context, r.continuation]) for r in requests])
         return [LoglikelihoodResult(logprob=e.logprob, is_greedy=e.is_greedy, n_tokens=e.n_tokens, stderr=e.stderr)
@@ -122,7 +147,7 @@ class DiffusionLM(LanguageModel):
         return estimate(self.denoise, [LikelihoodRequest(c, k, key) for (c, k), key in zip(pairs, keys)],
                         mask_id=self.denoiser.mask_id, method=settings["method"], samples=settings["samples"],
                         seed=self.seed, batch_size=self.rows_per_call, eps=settings["eps"],
-                        cfg_scale=settings["cfg_scale"])
+                        cfg_scale=settings["cfg_scale"], greedy=settings["greedy"])
 
     def loglikelihood_rolling(self, requests: Sequence[RollingRequest]) -> list[RollingResult]:
         """The ELBO (a lower bound on log-likelihood) over the same disjoint windows as the AR backend."""
@@ -141,22 +166,67 @@ class DiffusionLM(LanguageModel):
 
     # ---- generation and infilling -----------------------------------------------------------
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerationResult]:
-        fills = []
+        jobs = []
         for r in requests:
-            context = self.encode(r.context) or []
             n_tokens = token_budget(r.max_tokens, r.reference, self.encode)
-            fills.append(FillRequest(self.fit_context([self.prefix_token] + context, [0] * n_tokens),
-                                     n_tokens, (), stable_hash([r.context, r.max_tokens])))
-        return self._sample(fills, [r.until for r in requests], stop_at_eos=True)
+            context = self.fit_context(self.start(self.encode(r.context)), [0] * n_tokens)
+            jobs.append(_Job(FillRequest(context, n_tokens, (), stable_hash([r.context, r.max_tokens])),
+                             tuple(r.until), dict(r.gen_kwargs), r.context))
+        return self._run_jobs(jobs, stop_at_eos=True)
 
     def infill(self, requests: Sequence[InfillRequest]) -> list[GenerationResult]:
-        fills = [FillRequest([self.prefix_token] + self.encode(r.prefix),
-                             token_budget(r.n_tokens, r.reference, self.encode), self.encode(r.suffix),
-                             stable_hash([r.prefix, r.suffix, r.n_tokens])) for r in requests]
-        return self._sample(fills, [()] * len(requests), stop_at_eos=False)
+        jobs = [_Job(FillRequest(self.start(self.encode(r.prefix)), token_budget(r.n_tokens, r.reference, self.encode),
+                                 self.encode(r.suffix), stable_hash([r.prefix, r.suffix, r.n_tokens])),
+                     (), dict(r.gen_kwargs), r.prefix) for r in requests]
+        return self._run_jobs(jobs, stop_at_eos=False)
 
-    def _sample(self, fills: list[FillRequest], stops: list[Sequence[str]], stop_at_eos: bool) -> list[GenerationResult]:
-        settings = self.sampler
+    def _run_jobs(self, jobs: list["_Job"], stop_at_eos: bool) -> list[GenerationResult]:
+        """Skip what exceeds ``max_input_tokens``; sample the rest in groups of equal sampler
+        overrides, as many stages as asked (each after the decoded text of the one before)."""
+        out: list[GenerationResult | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            limit = job.gen_kwargs.get("max_input_tokens")
+            size = len(job.fill.prefix_ids) + job.fill.n_tokens + len(job.fill.suffix_ids)
+            if limit is not None and size > limit:
+                out[i] = GenerationResult(text="", n_tokens=0, nfe=0, extra={"skipped": f"{size} tokens > {limit}"})
+                continue
+            overrides = tuple(sorted((k, job.gen_kwargs[k]) for k in REQUEST_SAMPLER_SETTINGS if k in job.gen_kwargs))
+            groups.setdefault(overrides, []).append(i)
+        for overrides, members in groups.items():
+            settings = {**self.sampler, **dict(overrides)}
+            fills = [jobs[i].fill for i in members]
+            texts, stats = [""] * len(members), [(0, 0, 0.0, 0)] * len(members)
+            for stage in range(max(int(jobs[i].gen_kwargs.get("stages", 1)) for i in members)):
+                active = [m for m, i in enumerate(members) if stage < int(jobs[i].gen_kwargs.get("stages", 1))]
+                if stage:
+                    fills = self._next_stage(fills, [jobs[i] for i in members], texts, active)
+                results = self._sample([fills[m] for m in active], [jobs[members[m]].until for m in active],
+                                       stop_at_eos, settings)
+                for m, result in zip(active, results):
+                    n, nfe, latency, steps = stats[m]
+                    texts[m] += result.text
+                    stats[m] = (n + result.n_tokens, nfe + result.nfe, latency + result.latency_s,
+                                steps + result.extra["steps"])
+            for m, i in enumerate(members):
+                n, nfe, latency, steps = stats[m]
+                out[i] = GenerationResult(text=texts[m], n_tokens=n, nfe=nfe, latency_s=latency,
+                                          extra={"sampler": settings["name"], "steps": steps})
+        return out  # type: ignore[return-value]
+
+    def _next_stage(self, fills: list[FillRequest], jobs: list["_Job"], texts: list[str],
+                    active: list[int]) -> list[FillRequest]:
+        """Stage k + 1 of a row samples after its prompt text and everything decoded so far."""
+        fills = list(fills)
+        for m in active:
+            n_tokens = fills[m].n_tokens
+            context = self.fit_context(self.start(self.encode(jobs[m].prompt + texts[m])), [0] * n_tokens)
+            fills[m] = FillRequest(context, n_tokens, fills[m].suffix_ids, fills[m].key + ":stage")
+        return fills
+
+    def _sample(self, fills: list[FillRequest], stops: list[Sequence[str]], stop_at_eos: bool,
+                settings: dict[str, Any] | None = None) -> list[GenerationResult]:
+        settings = settings or self.sampler
         sample = SAMPLERS[settings["name"]]
         kwargs = {k: settings[k] for k in SAMPLER_SETTINGS if k in inspect.signature(sample).parameters}
         out: list[GenerationResult] = []
@@ -173,6 +243,16 @@ class DiffusionLM(LanguageModel):
                 out.append(GenerationResult(text=text, n_tokens=len(tokens), nfe=result.nfe, latency_s=latency,
                                             extra={"sampler": settings["name"], "steps": result.steps}))
         return out
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One generation or infilling request: its canvas, stops, per-request settings and prompt."""
+
+    fill: FillRequest
+    until: tuple[str, ...]
+    gen_kwargs: dict[str, Any]
+    prompt: str
 
 
 def diffusion_base_model(source: str) -> str | None:

@@ -23,15 +23,27 @@ Methods:
   (default 1e-3, which keeps the weight 1/t bounded by 1000).
 * ``mc_count``: l uniform in 1..L, a uniformly random subset of l tokens masked, value (L / l) * f(S);
   the expectation is sum_l (1/L) (L/l) mean f = E exactly.
-* ``paper_grid``: the DiffuGPT/DiffuLLaMA multiple-choice protocol: t = T/T, (T-1)/T, ..., 1/T with
-  T = ``samples``; one mask draw per t (at least one token masked), value = mean log-prob over the
-  masked tokens; the score is the mean over the grid, i.e. minus the average unweighted denoising
-  loss. It ranks choices ("lowest loss wins") and is NOT a log-likelihood or a bound.
+* ``paper_grid``: the DiffuGPT/DiffuLLaMA multiple-choice protocol (``eval_forward`` in their
+  ``LLaMA-Factory/src/llamafactory/train/ddm/trainer.py``): for t = T/T, (T-1)/T, ..., 1/T with
+  T = ``samples``, every continuation token is masked independently with probability t; the step's
+  value is the mean log-prob over the masked tokens, and a step that masks nothing contributes 0
+  and still counts: the score is the sum over the grid divided by T, i.e. minus the average
+  unweighted denoising loss. It ranks choices ("lowest loss wins") and is NOT a log-likelihood or
+  a bound. For a one-token choice its expectation is log p * (T + 1) / (2T).
+* ``paper_grid_forced``: the same grid, but a step that would mask nothing masks one uniformly
+  drawn token instead (the harness's earlier reading of the protocol; for a one-token choice the
+  expectation is log p, about twice ``paper_grid``'s).
 * ``chain_rule``: exact log p(x | context) of the left-to-right unmasking order: the j-th of L rows
   reveals x_<j, masks x_>=j and scores x_j.
 
-``is_greedy`` (every method): one row with the whole continuation masked, the argmax at every
-continuation position equals the continuation (one-pass parallel greedy decoding reproduces it).
+``is_greedy`` (every method) by ``greedy``:
+
+* ``parallel``: one row with the whole continuation masked; the argmax at every continuation
+  position equals the continuation (one-pass parallel greedy decoding reproduces it).
+* ``sequential``: SMDM's and LLaDA's ``suffix_greedy_prediction`` (SMDM ``evaluate_diff.py``, LLaDA
+  ``evaluation/eval_llada.py``): the continuation starts fully masked and each of L passes reveals
+  only the most confident masked position with its argmax (the mask token included, as theirs:
+  a position that receives it stays masked); the result must equal the continuation. L rows.
 
 The random masks of a request come from a generator seeded by a hash of ``(seed, key)``, so an
 estimate does not depend on the batch size, the order of requests or a resumed run.
@@ -48,7 +60,8 @@ import torch
 from harness.errors import unknown_name
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-METHODS = ("mc_time", "mc_count", "paper_grid", "chain_rule")
+METHODS = ("mc_time", "mc_count", "paper_grid", "paper_grid_forced", "chain_rule")
+GREEDY_CHECKS = ("parallel", "sequential")
 
 
 class LikelihoodRequest(NamedTuple):
@@ -130,13 +143,16 @@ def _plan_mc_count(length: int, samples: int, gen: torch.Generator) -> _Plan:
     return _Plan(masked, masked, length / n_masked.double(), exact=False)
 
 
-def _plan_paper_grid(length: int, steps: int, gen: torch.Generator) -> _Plan:
+def _plan_paper_grid(length: int, steps: int, gen: torch.Generator, forced: bool = False) -> _Plan:
     t = torch.arange(steps, 0, -1, dtype=torch.float64) / steps
     masked = torch.rand(steps, length, generator=gen, dtype=torch.float64) < t[:, None]
-    fallback = torch.randint(0, length, (steps,), generator=gen)
-    empty = ~masked.any(dim=1)
-    masked[empty, fallback[empty]] = True
-    return _Plan(masked, masked, 1 / masked.sum(dim=1).double(), exact=False)
+    if forced:
+        fallback = torch.randint(0, length, (steps,), generator=gen)
+        empty = ~masked.any(dim=1)
+        masked[empty, fallback[empty]] = True
+    counts = masked.sum(dim=1).double()
+    # an empty step's value is 0 (weight 0, no target); it still counts in the mean over the grid
+    return _Plan(masked, masked, torch.where(counts > 0, 1 / counts.clamp(min=1), 0.0), exact=False)
 
 
 def _plan_chain_rule(length: int) -> _Plan:
@@ -151,8 +167,8 @@ def _make_plan(method: str, length: int, samples: int, eps: float, gen: torch.Ge
         return _plan_mc_time(length, samples, eps, gen)
     if method == "mc_count":
         return _plan_mc_count(length, samples, gen)
-    if method == "paper_grid":
-        return _plan_paper_grid(length, samples, gen)
+    if method in ("paper_grid", "paper_grid_forced"):
+        return _plan_paper_grid(length, samples, gen, forced=method == "paper_grid_forced")
     return _plan_chain_rule(length)
 
 
@@ -167,8 +183,12 @@ def _score_rows(
     copies = 2 if cfg_scale else 1
     per_call = max(1, batch_size // copies)
     lengths = [len(row.context_ids) + len(row.continuation_ids) for row in rows]
-    order = sorted(range(len(rows)), key=lambda r: -lengths[r])
     results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for r, row in enumerate(rows):  # a row that masks nothing needs no model call: its value is 0
+        if not row.masked.any():
+            n = len(row.continuation_ids)
+            results[r] = (torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.bool))
+    order = sorted((r for r in range(len(rows)) if r not in results), key=lambda r: -lengths[r])
     for start in range(0, len(order), per_call):
         chunk = [rows[r] for r in order[start : start + per_call]]
         continuations = [
@@ -200,15 +220,19 @@ def estimate(
     batch_size: int = 32,
     eps: float = 1e-3,
     cfg_scale: float = 0.0,
+    greedy: str = "parallel",
 ) -> list[Estimate]:
     """Estimate log p(continuation | context) for each request (see the module docstring).
 
     ``samples``: mask draws per request (the grid size T for ``paper_grid``; unused by
     ``chain_rule``). ``batch_size``: model rows per denoiser call; the rows of all requests are
     batched together. ``cfg_scale`` w > 0 adds an unconditional row per row (context masked).
+    ``greedy``: how ``is_greedy`` is decided (``parallel`` | ``sequential``).
     """
     if method not in METHODS:
         raise unknown_name("likelihood estimator", method, METHODS)
+    if greedy not in GREEDY_CHECKS:
+        raise unknown_name("greedy check", greedy, GREEDY_CHECKS)
     if samples < 1 or not 0 <= eps < 1:
         raise ValueError(f"need samples >= 1 and 0 <= eps < 1, got samples={samples}, eps={eps}")
     plans: list[tuple[_Plan, int, int] | None] = []  # plan, its first row, its greedy row
@@ -221,8 +245,8 @@ def estimate(
         plan = _make_plan(method, length, samples, eps, seeded_generator(seed, key))
         inputs = plan.inputs
         all_masked = inputs.all(dim=1).nonzero()
-        if len(all_masked):
-            greedy_row = int(all_masked[0])
+        if len(all_masked) or greedy == "sequential":
+            greedy_row = int(all_masked[0]) if len(all_masked) else -1
         else:
             inputs = torch.cat([inputs, torch.ones(1, length, dtype=torch.bool)])
             greedy_row = len(inputs) - 1
@@ -230,6 +254,8 @@ def estimate(
         rows.extend(_Row(context, continuation, masked) for masked in inputs)
     scored = _score_rows(denoise, rows, mask_id=mask_id, batch_size=batch_size, cfg_scale=cfg_scale)
     copies = 2 if cfg_scale else 1
+    sequential = iter(sequential_greedy(denoise, [r for r in requests if len(r.continuation_ids)], mask_id=mask_id,
+                                        batch_size=batch_size, cfg_scale=cfg_scale)) if greedy == "sequential" else None
     estimates = []
     for (_, continuation, _), planned in zip(requests, plans):
         if planned is None:
@@ -238,6 +264,7 @@ def estimate(
         plan, first, greedy_row = planned
         n_rows = max(len(plan.inputs), greedy_row + 1)
         own = scored[first : first + n_rows]
+        called = sum(bool(row.masked.any()) for row in rows[first : first + n_rows])
         token_logp = torch.stack([logp for logp, _ in own[: len(plan.inputs)]])
         values = plan.weights * torch.where(plan.targets, token_logp, 0.0).sum(dim=1)
         if plan.exact:
@@ -246,6 +273,41 @@ def estimate(
             k = len(values)
             logprob = values.mean().item()
             stderr = values.std().item() / math.sqrt(k) if k > 1 else math.nan
-        is_greedy = bool(own[greedy_row][1].all())
-        estimates.append(Estimate(logprob, stderr, is_greedy, len(continuation), n_rows * copies))
+        if sequential is not None:
+            is_greedy = next(sequential)
+            called += len(continuation)
+        else:
+            is_greedy = bool(own[greedy_row][1].all())
+        estimates.append(Estimate(logprob, stderr, is_greedy, len(continuation), called * copies))
     return estimates
+
+
+def sequential_greedy(
+    denoise: Denoiser, requests: Sequence[LikelihoodRequest], *, mask_id: int, batch_size: int = 32,
+    cfg_scale: float = 0.0,
+) -> list[bool]:
+    """Per request: does one-token-at-a-time greedy unmasking reproduce the continuation? (See the
+    module docstring.) Requests are batched; pass j runs every request with more than j tokens."""
+    states = [list(context) + [mask_id] * len(continuation) for context, continuation, _ in requests]
+    starts = [len(context) for context, _, _ in requests]
+    copies = 2 if cfg_scale else 1
+    per_call = max(1, batch_size // copies)
+    for step in range(max((len(c) for _, c, _ in requests), default=0)):
+        live = [r for r, (_, continuation, _) in enumerate(requests) if step < len(continuation)]
+        for chunk_start in range(0, len(live), per_call):
+            chunk = live[chunk_start : chunk_start + per_call]
+            inputs = [states[r] for r in chunk]
+            if cfg_scale:
+                inputs += [[mask_id] * starts[r] + states[r][starts[r]:] for r in chunk]
+            logits = denoise(*right_pad(inputs, mask_id))
+            for j, r in enumerate(chunk):
+                span = slice(starts[r], len(states[r]))
+                uncond = logits[j + len(chunk), span] if cfg_scale else None
+                logp = guided_logprobs(logits[j, span], uncond, cfg_scale)
+                masked = torch.tensor(states[r][span], device=logp.device) == mask_id
+                if not masked.any():
+                    continue
+                confidence, tokens = logp.max(-1)
+                best = int(confidence.masked_fill(~masked, -torch.inf).argmax())
+                states[r][starts[r] + best] = int(tokens[best])
+    return [states[r][starts[r]:] == list(continuation) for r, (_, continuation, _) in enumerate(requests)]

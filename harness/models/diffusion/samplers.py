@@ -5,8 +5,14 @@ canvases of a call are right-padded into one batch and go through the denoiser t
 ``estimators`` for the ``denoise(input_ids, attention_mask)`` contract). Samplers only write
 still-masked positions of the fill region; prefix and suffix tokens never change.
 
-* ``diffugpt_sample``: T steps; each step predicts every masked position and keeps the
-  floor(n * (T - 1 - s) / T) least confident of them masked, so all are revealed after T steps.
+* ``diffugpt_sample``: DiffuGPT/DiffuLLaMA's ``generate_samples`` (their
+  ``LLaMA-Factory/src/llamafactory/train/ddm/trainer.py``): T model calls; after call k < T every
+  fill position, revealed ones included, is ranked by the log-probability (after temperature) of
+  the token the model now proposes there; the floor(n * (T - k) / T) lowest stay (or become
+  eligible to stay) masked and every still-masked position outside them is revealed with its
+  proposal, so one step may reveal more than n / T tokens. After the last call the positions
+  still masked take their proposals. Unlike the other samplers it may propose the mask token
+  (theirs does) and calls the model T times even when nothing is left masked.
 * ``llada_sample``: LLaDA's semi-autoregressive sampler: blocks of ``block_length`` left to right,
   ``steps`` split evenly over the blocks and each block's tokens split evenly over its steps
   (remainders to the earliest); Gumbel-max proposals in float64; remasking by low confidence or at
@@ -85,9 +91,11 @@ class _Canvas:
     def region(self, row: int) -> slice:
         return slice(self.starts[row], self.starts[row] + self.sizes[row])
 
-    def logprobs(self, denoise: Denoiser, cfg_scale: float, rows: Sequence[int]) -> dict[int, torch.Tensor]:
+    def logprobs(self, denoise: Denoiser, cfg_scale: float, rows: Sequence[int],
+                 propose_mask: bool = False) -> dict[int, torch.Tensor]:
         """One denoiser call on the whole batch; for each of ``rows``, guided float32 log-probs
-        [n_b, V] over its fill region, the mask token's probability moved to the others."""
+        [n_b, V] over its fill region, the mask token's probability moved to the others (unless
+        ``propose_mask``)."""
         ids, attention = self.ids, self.attention
         if cfg_scale:
             uncond = torch.full_like(ids, self.mask_id)
@@ -102,7 +110,7 @@ class _Canvas:
         for row in rows:
             uncond = logits[row + batch, self.region(row)] if cfg_scale else None
             logp = guided_logprobs(logits[row, self.region(row)], uncond, cfg_scale)
-            if self.mask_id < logp.shape[-1]:  # never propose the mask token itself
+            if not propose_mask and self.mask_id < logp.shape[-1]:  # never propose the mask token
                 logp = logp.index_fill(-1, torch.tensor([self.mask_id], device=logp.device), -torch.inf)
                 logp = logp.log_softmax(-1)
             logps[row] = logp
@@ -189,6 +197,24 @@ def _run_schedules(
     return canvas.output(cfg_scale)
 
 
+def _tempered_proposal(
+    logp: torch.Tensor, gen: torch.Generator, *, temperature: float, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffuGPT's proposal: tokens drawn from softmax(logp / temperature) (cut to its top-p
+    nucleus), scored by their log-probability under that distribution; argmax and plain log-probs
+    at temperature 0."""
+    if temperature == 0:
+        scores, tokens = logp.max(-1)
+        return tokens, scores
+    tempered = (logp / temperature).log_softmax(-1)
+    if top_p < 1:
+        sorted_logp, order = tempered.sort(-1, descending=True)
+        drop = sorted_logp.exp().cumsum(-1) - sorted_logp.exp() >= top_p
+        tempered = tempered.scatter(-1, order, sorted_logp.masked_fill(drop, -torch.inf)).log_softmax(-1)
+    tokens = torch.multinomial(tempered.exp(), 1, generator=gen).squeeze(-1)
+    return tokens, tempered.gather(-1, tokens[:, None]).squeeze(-1)
+
+
 def diffugpt_sample(
     denoise: Denoiser,
     requests: Sequence[FillRequest],
@@ -200,16 +226,30 @@ def diffugpt_sample(
     cfg_scale: float = 0.0,
     seed: int = 0,
 ) -> SampleOutput:
-    """DiffuGPT/DiffuLLaMA sampling: ``steps`` T (default: each row's n_tokens), linear unmasking."""
-
-    def linear(n_tokens: int) -> list[_Step]:
-        total = steps or n_tokens
-        left = [n_tokens * (total - 1 - step) // total for step in range(total)]
-        return [_Step(0, n_tokens, before - after) for before, after in zip([n_tokens] + left, left)]
-
+    """DiffuGPT/DiffuLLaMA sampling (see the module docstring); ``steps`` T: model calls per row
+    (default: each row's n_tokens)."""
     canvas = _Canvas(requests, mask_id, seed)
-    propose = partial(_sample_tokens, temperature=temperature, top_p=top_p)
-    return _run_schedules(denoise, canvas, [linear(n) for n in canvas.sizes], propose, cfg_scale)
+    calls = [steps or n for n in canvas.sizes]
+    proposals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for k in range(max(calls, default=0)):
+        live = [row for row, total in enumerate(calls) if k < total and canvas.sizes[row]]
+        if not live:
+            break
+        for row in (r for r in live if k):
+            tokens, scores = proposals[row]
+            n = canvas.sizes[row]
+            cutoff = n * (calls[row] - k) // calls[row]
+            keep = scores < scores.sort().values[cutoff] if cutoff < n else torch.ones_like(scores, dtype=torch.bool)
+            reveal = (canvas.masked[row].to(keep.device) & ~keep).nonzero().squeeze(-1)
+            canvas.reveal(row, reveal, tokens[reveal])
+        logps = canvas.logprobs(denoise, cfg_scale, live, propose_mask=True)
+        for row in live:
+            proposals[row] = _tempered_proposal(logps[row], canvas.generators[row], temperature=temperature,
+                                                top_p=top_p)
+    for row, (tokens, _) in proposals.items():
+        still = canvas.masked[row].nonzero().squeeze(-1)
+        canvas.reveal(row, still, tokens[still.to(tokens.device)])
+    return canvas.output(cfg_scale)
 
 
 def llada_sample(
