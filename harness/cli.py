@@ -57,7 +57,9 @@ def run(
     args = {**suite_args, **parse_model_args(model_args)}
     task_options = {n: {**(suite_spec.task_options(n, family) if suite_spec else {}),
                         **({"allow_code_exec": True} if allow_code_exec else {})} for n in names}
-    seeds = [seed] if seed is not None else list(suite_spec.seeds if suite_spec and suite_spec.seeds else [1234])
+    # a suite's seeds apply to diffusion models only: AR scoring and greedy decoding draw nothing
+    suite_seeds = list(suite_spec.seeds) if suite_spec and suite_spec.seeds and family == "diffusion" else [1234]
+    seeds = [seed] if seed is not None else suite_seeds
     for run_seed in seeds:
         config = RunConfig(model=model, tasks=names, suite=suite, seed=run_seed, batch_size=batch_size,
                            device=device, dtype=dtype, model_args=args, data_dir=resolve_data_dir(data_dir),

@@ -75,6 +75,7 @@ def with_suite_options(config: RunConfig, family: str) -> RunConfig:
         return config
     merged = {name: {**suite.task_options(name, family), **config.task_options.get(name, {})}
               for name in suite.options if name in config.tasks}
+    merged = {name: options for name, options in merged.items() if options}
     return replace(config, task_options={**config.task_options, **merged}) if merged else config
 
 

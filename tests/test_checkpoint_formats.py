@@ -123,8 +123,11 @@ def smdm_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def smdm_reference(state: dict[str, torch.Tensor]) -> Reference:
-    """SMDM's TransEncoder forward written out: lit-gpt fused qkv, flash-attn style rotary, no mask."""
+def smdm_reference(state: dict[str, torch.Tensor],
+                   rope_cache: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> Reference:
+    """SMDM's TransEncoder forward written out: lit-gpt fused qkv, flash-attn style rotary, no mask.
+    ``rope_cache(T, hs)`` gives the cos/sin tables [T, hs/2] (default: float32); the rotation runs in
+    float32 on them, as the fused kernel does."""
     hs, q_per_kv = D // HEADS, HEADS // KV_HEADS
 
     def rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -132,8 +135,12 @@ def smdm_reference(state: dict[str, torch.Tensor]) -> Reference:
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
-        angle = torch.outer(torch.arange(t).float(), 1.0 / 10000 ** (torch.arange(0, hs, 2).float() / hs))
-        cos, sin = angle.cos()[:, None], angle.sin()[:, None]  # [T, 1, hs/2]
+        if rope_cache is None:
+            angle = torch.outer(torch.arange(t).float(), 1.0 / 10000 ** (torch.arange(0, hs, 2).float() / hs))
+            cos, sin = angle.cos(), angle.sin()
+        else:
+            cos, sin = (table.float() for table in rope_cache(t, hs))
+        cos, sin = cos[:, None], sin[:, None]  # [T, 1, hs/2]
 
         def rope(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, hs], non-interleaved halves
             x1, x2 = x[..., : hs // 2], x[..., hs // 2:]

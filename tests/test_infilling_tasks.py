@@ -160,11 +160,20 @@ def test_suite_options_reach_the_tasks_and_the_run_identity():
 
     config = RunConfig(model="m", tasks=["rocstories_infill", "humaneval"], suite="infilling",
                        task_options={"humaneval": {"allow_code_exec": True}})
-    merged = with_suite_options(config)
+    merged = with_suite_options(config, "ar")
     assert merged.task_options == {"humaneval": {"max_tokens": 256, "allow_code_exec": True}}
     assert merged.identity({}) != config.identity({})
     override = RunConfig(model="m", tasks=["humaneval"], suite="infilling",
                          task_options={"humaneval": {"max_tokens": 64}})
-    assert with_suite_options(override).task_options == {"humaneval": {"max_tokens": 64}}
+    assert with_suite_options(override, "ar").task_options == {"humaneval": {"max_tokens": 64}}
     plain = RunConfig(model="m", tasks=["humaneval"])
-    assert with_suite_options(plain) is plain
+    assert with_suite_options(plain, "ar") is plain
+
+
+def test_suite_options_by_model_family():
+    from harness.runner import with_suite_options
+
+    config = RunConfig(model="m", tasks=["piqa_diffugpt", "rocstories_infill_diffugpt"], suite="diffugpt-table1")
+    assert with_suite_options(config, "ar").task_options == {"piqa_diffugpt": {"script": "eval-llm"},
+                                                            "rocstories_infill_diffugpt": {"length": "chars"}}
+    assert with_suite_options(config, "diffusion") is config  # the family keys hold AR options only

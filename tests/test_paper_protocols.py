@@ -209,3 +209,28 @@ def test_request_gen_kwargs_override_steps_skip_long_inputs_and_run_stages(tiny_
     one, two = lm.generate([GenerateRequest("The quick brown", 3), GenerateRequest("The quick brown", 3,
                                                                                     gen_kwargs={"stages": 2})])
     assert one.extra["steps"] == 3 and two.extra["steps"] == 6 and two.text.startswith(one.text)
+
+
+def test_reproduction_view_pools_runs_that_differ_only_in_seed():
+    from harness.report.reference import Match, Reference, pool_over_seeds
+
+    ref = Reference("DiffuGPT", "DiffuGPT-S", "diffugpt-s", "LAMBADA", 21.6, "21.6", "%")
+    runs = [Match(ref, "diffugpt-s", "lambada_gen acc", f"r{seed}", value, 1.0, 100, [], seed, "g")
+            for seed, value in ((1, 20.0), (2, 23.0), (3, 21.0))]
+    other = Match(ref, "diffugpt-s", "lambada_gen acc", "x", 30.0, 2.0, 100, [], 1, "h")  # another setting
+    pooled = pool_over_seeds(runs + [other])
+    assert len(pooled) == 2
+    seeds = next(m for m in pooled if m.group == "g")
+    assert seeds.ours == pytest.approx(64 / 3) and seeds.stderr == 1.0 and seeds.spread == "3 seeds: 20.0–23.0"
+    assert next(m for m in pooled if m.group == "h").spread == "–"
+
+
+def test_canvas_length_fills_what_the_prompt_leaves_at_every_stage(tiny_dlm_dir):
+    from harness.models.base import GenerateRequest
+    from harness.models.factory import build_model
+
+    lm = build_model(str(tiny_dlm_dir), model_args={"sampler": "llada"})
+    prompt = "Question: The quick brown fox"
+    canvas = len(lm.start(lm.encode(prompt))) + 5
+    [one] = lm.generate([GenerateRequest(prompt, 99, gen_kwargs={"canvas_length": canvas})])
+    assert one.extra["steps"] == 5  # one step per filled token by default: 5 = canvas - prompt

@@ -131,8 +131,10 @@ def split_pair(encode, context: str, continuation: str) -> tuple[list[int], list
 # Keys a task may set in a request's ``gen_kwargs``. Diffusion samplers read ``steps``,
 # ``temperature`` and ``top_p`` over the model's own settings; ``max_input_tokens`` skips a request
 # whose prompt and fill exceed it (the result is empty, with ``extra["skipped"]``); ``stages`` > 1
-# decodes again after the decoded text of the previous stage (SMDM's two-stage GSM8K).
-GEN_KWARGS = ("steps", "temperature", "top_p", "max_input_tokens", "stages")
+# decodes again after the decoded text of the previous stage (SMDM's two-stage GSM8K);
+# ``canvas_length`` makes the fill what remains of a canvas of that many tokens after the prompt
+# (SMDM's ``context_length``), at every stage.
+GEN_KWARGS = ("steps", "temperature", "top_p", "max_input_tokens", "stages", "canvas_length")
 
 
 def encode_segments(encode, context: str, segments: Sequence[str]) -> tuple[list[int], list[int]]:

@@ -100,7 +100,9 @@ def scoring(run: dict[str, Any], kind: str | None) -> str:
         return "exact LL"
     est, smp = fp.get("estimator") or {}, fp.get("sampler") or {}
     estimator = f"{est.get('method', '?')} ×{est.get('samples', '?')}" + (
-        f", cfg {est['cfg_scale']}" if est.get("cfg_scale") else "")
+        f", cfg {est['cfg_scale']}" if est.get("cfg_scale") else "") + (
+        f", {est['greedy']} greedy check" if est.get("greedy") == "sequential" else "") + (
+        ", no start token" if fp.get("start_token") == "none" else "")
     sampler = f"{smp.get('name', '?')}, {smp.get('steps') or 'default'} steps" + "".join(
         f", {label} {smp[key]}" for key, label in (("block_length", "block"), ("temperature", "T"))
         if smp.get(key))
@@ -155,7 +157,8 @@ def fmt(value: float | None, stderr: float | None = None, scale: float = 1.0, di
     return text if stderr is None else f"{text} ± {stderr * scale:.{digits}f}"
 
 
-SHOWN_OPTIONS = ("num_fewshot", "n_shot", "fewshot", "length", "oracle_slack", "allow_code_exec")
+SHOWN_OPTIONS = ("num_fewshot", "n_shot", "fewshot", "length", "oracle_slack", "script", "leading_space",
+                 "diffusion_steps", "max_input_tokens", "timeout_s", "allow_code_exec")
 
 
 def column_settings(cells: list[Cell]) -> str:

@@ -13,6 +13,7 @@ from harness.config import BASELINES_DIR, read_yaml
 from harness.errors import HarnessError
 from harness.report import Footnotes, Table
 from harness.report.collect import DASH, Cell, fmt, percent
+from harness.tasks.base import stable_hash
 
 PAPERS_DIR = BASELINES_DIR / "papers"
 KEYS = {
@@ -52,6 +53,15 @@ class Match:
     stderr: float | None
     n: int | None
     notes: list[str]
+    seed: Any = None
+    group: str = ""  # runs that differ only in their seed share it
+    seed_values: list[float] = field(default_factory=list)  # per seed, once pooled
+
+    @property
+    def spread(self) -> str:
+        if len(self.seed_values) < 2:
+            return DASH
+        return f"{len(self.seed_values)} seeds: {min(self.seed_values):.1f}–{max(self.seed_values):.1f}"
 
     @property
     def delta(self) -> float:
@@ -145,6 +155,10 @@ PROTOCOL_GETTERS = {  # a cell's value of each protocol setting; None where it d
     "estimator": lambda c: (c.fingerprint.get("estimator") or {}).get("method") if c.family == "DLM" else None,
     "samples": lambda c: (c.fingerprint.get("estimator") or {}).get("samples") if c.family == "DLM" else None,
     "steps": lambda c: (c.fingerprint.get("sampler") or {}).get("steps") if c.family == "DLM" else None,
+    "sampler": lambda c: (c.fingerprint.get("sampler") or {}).get("name") if c.family == "DLM" else None,
+    "temperature": lambda c: (c.fingerprint.get("sampler") or {}).get("temperature") if c.family == "DLM" else None,
+    "greedy": lambda c: (c.fingerprint.get("estimator") or {}).get("greedy") if c.family == "DLM" else None,
+    "start_token": lambda c: c.fingerprint.get("start_token") if c.family == "DLM" else None,
     "infill_mode": lambda c: c.fingerprint.get("infill_mode") if c.family == "AR" else None,
     "n_shot": lambda c: c.n_shot,
 }
@@ -169,9 +183,33 @@ def match_cells(ref: Reference, cells: list[Cell]) -> list[Match]:
                   if key in PROTOCOL_GETTERS and PROTOCOL_GETTERS[key](cell) not in (None, want)]
         if spec.get("n") and cell.n < spec["n"]:
             notes.append(f"Harness scored {cell.n:,} of the {spec['n']:,} examples the paper used.")
+        unseeded = {k: v for k, v in cell.fingerprint.items() if k not in ("batch_size", "device", "seed")}
         out.append(Match(ref, cell.model, f"{cell.task} {cell.metric}", cell.run_id, cell.value * scale,
-                         None if cell.stderr is None else cell.stderr * scale, cell.n, notes))
+                         None if cell.stderr is None else cell.stderr * scale, cell.n, notes, cell.seed,
+                         stable_hash([cell.model, unseeded, cell.task_hash, cell.n])))
     return out
+
+
+def pool_over_seeds(matches: list[Match]) -> list[Match]:
+    """One match per (published cell, harness setting): the mean over the runs that differ only in
+    their seed, with the spread over seeds. The standard error is the mean of the runs' own (the
+    seeds share the documents, so averaging seeds does not shrink the sampling error over them)."""
+    groups: dict[tuple, list[Match]] = {}
+    for m in matches:
+        groups.setdefault((id(m.reference), m.group or m.run_id), []).append(m)
+    pooled = []
+    for members in groups.values():
+        seeds = {m.seed for m in members}
+        if len(members) < 2 or len(seeds) < len(members):
+            pooled.extend(members)
+            continue
+        values = [m.ours for m in members]
+        errors = [m.stderr for m in members if m.stderr is not None]
+        first = members[0]
+        pooled.append(Match(first.reference, first.model, first.what, ", ".join(m.run_id for m in members),
+                            sum(values) / len(values), sum(errors) / len(errors) if errors else None, first.n,
+                            first.notes, sorted(seeds, key=str), first.group, values))
+    return pooled
 
 
 def match_measurements(ref: Reference, measurements: list[dict[str, Any]]) -> list[Match]:
@@ -191,18 +229,21 @@ def match_measurements(ref: Reference, measurements: list[dict[str, Any]]) -> li
 def reproduction(refs: list[Reference], cells: list[Cell], measurements: list[dict[str, Any]]) -> tuple[Table, list[Match]]:
     """Every published cell with a harness measurement: delta, verdict and protocol differences."""
     matchable = [r for r in refs if r.match and r.harness and r.value is not None]
-    matches = [m for r in matchable for m in (match_measurements(r, measurements) if r.measurement
-                                              else match_cells(r, cells))]
+    matches = pool_over_seeds([m for r in matchable for m in (match_measurements(r, measurements) if r.measurement
+                                                              else match_cells(r, cells))])
     notes = Footnotes()
-    rows = [[m.model, m.what, DASH if m.n is None else f"{m.n:,}", fmt(m.ours, m.stderr), m.reference.model,
+    rows = [[m.model, m.what, DASH if m.n is None else f"{m.n:,}", fmt(m.ours, m.stderr), m.spread, m.reference.model,
              m.reference.column, notes.ref(m.reference.source), f"{m.reference.shown} {m.reference.unit}".rstrip(),
              f"{m.delta:+.1f}", m.verdict, notes.refs(m.notes), m.run_id] for m in matches]
     covered = len({id(m.reference) for m in matches})
-    return Table("Harness numbers next to published ones", ["Model", "Harness task", "n", "Harness", "Paper model",
+    return Table("Harness numbers next to published ones", ["Model", "Harness task", "n", "Harness", "Over seeds",
+                                                             "Paper model",
                                                              "Paper column", "Source", "Paper", "Δ", "Verdict", "Notes",
                                                              "Run"], rows,
                  settings=[f"{covered} of {len(matchable)} matchable published cells have a harness measurement",
                            "harness fractions x100 where the paper reports %; Δ = harness − paper",
+                           "runs that differ only in their seed are pooled: the mean, its spread over seeds, "
+                           "and the runs' mean standard error",
                            "verdict: |Δ| within 1 or 2 standard errors of the harness value, else within the "
                            "paper file's stated tolerance"],
                  notes=notes.listing()), matches

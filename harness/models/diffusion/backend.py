@@ -168,8 +168,9 @@ class DiffusionLM(LanguageModel):
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerationResult]:
         jobs = []
         for r in requests:
-            n_tokens = token_budget(r.max_tokens, r.reference, self.encode)
-            context = self.fit_context(self.start(self.encode(r.context)), [0] * n_tokens)
+            context = self.start(self.encode(r.context))
+            n_tokens = canvas_fill(r.gen_kwargs, context) or token_budget(r.max_tokens, r.reference, self.encode)
+            context = self.fit_context(context, [0] * n_tokens)
             jobs.append(_Job(FillRequest(context, n_tokens, (), stable_hash([r.context, r.max_tokens])),
                              tuple(r.until), dict(r.gen_kwargs), r.context))
         return self._run_jobs(jobs, stop_at_eos=True)
@@ -219,8 +220,9 @@ class DiffusionLM(LanguageModel):
         """Stage k + 1 of a row samples after its prompt text and everything decoded so far."""
         fills = list(fills)
         for m in active:
-            n_tokens = fills[m].n_tokens
-            context = self.fit_context(self.start(self.encode(jobs[m].prompt + texts[m])), [0] * n_tokens)
+            context = self.start(self.encode(jobs[m].prompt + texts[m]))
+            n_tokens = canvas_fill(jobs[m].gen_kwargs, context) or fills[m].n_tokens
+            context = self.fit_context(context, [0] * n_tokens)
             fills[m] = FillRequest(context, n_tokens, fills[m].suffix_ids, fills[m].key + ":stage")
         return fills
 
@@ -243,6 +245,12 @@ class DiffusionLM(LanguageModel):
                 out.append(GenerationResult(text=text, n_tokens=len(tokens), nfe=result.nfe, latency_s=latency,
                                             extra={"sampler": settings["name"], "steps": result.steps}))
         return out
+
+
+def canvas_fill(gen_kwargs: dict[str, Any], context: list[int]) -> int | None:
+    """With ``canvas_length``: the tokens left after the prompt (at least one), else None."""
+    length = gen_kwargs.get("canvas_length")
+    return None if length is None else max(1, int(length) - len(context))
 
 
 @dataclass(frozen=True)

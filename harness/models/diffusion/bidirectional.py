@@ -3,6 +3,12 @@
 Pre-norm blocks with RMSNorm, GPT-NeoX style (half-split) rotary embeddings, grouped-query
 attention through ``scaled_dot_product_attention`` with a key-padding mask, and a SwiGLU MLP.
 The smdm and llada loaders map released weights into it, so neither needs remote code.
+
+Rotary tables are float32 by default. ``rope_cache_dtype="bfloat16"`` reproduces SMDM's
+``TransEncoder``, which builds cos/sin as position times ``1 / base ** (i / n)`` in float32 and
+rounds them to bfloat16 whatever the weights' dtype; its fused rotary kernel then computes
+``x1 * cos - x2 * sin`` in float32 on the upcast values and casts to q's dtype, as ``rotate``
+does here. (SMDM's scripts also run under bfloat16 autocast; that is not reproduced.)
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ROPE_CACHE_DTYPES = ("bfloat16",)  # besides None (float32)
 
 
 @dataclass
@@ -27,6 +35,7 @@ class BidirectionalConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     max_length: int = 2048
+    rope_cache_dtype: str | None = None  # None: float32 tables; "bfloat16": SMDM's rounded tables
 
     @property
     def head_dim(self) -> int:
@@ -43,6 +52,23 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+def rope_tables(cfg: BidirectionalConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos and sin [B,1,N,rot] at integer ``positions`` [B,N] (see the module docstring)."""
+    rot = int(cfg.rope_fraction * cfg.head_dim) // 2 * 2
+    steps = torch.arange(0, rot, 2, device=positions.device)
+    if cfg.rope_cache_dtype is None:
+        inv_freq = cfg.rope_theta ** -(steps.float() / rot)
+    else:  # SMDM's build_rope_cache: theta = 1 / (base ** (arange / n)), all float32
+        inv_freq = 1.0 / (cfg.rope_theta ** (steps / rot))
+    angles = positions[:, None, :, None].float() * inv_freq  # [B,1,N,rot/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    if cfg.rope_cache_dtype is not None:
+        low = getattr(torch, cfg.rope_cache_dtype)
+        cos, sin = cos.to(low).float(), sin.to(low).float()  # rounded values, float32 arithmetic
+    return cos, sin
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -121,12 +147,7 @@ class BidirectionalLM(nn.Module):
         # Real tokens take positions 0, 1, ... whichever side the padding is on.
         positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
         x = self.embed(input_ids)
-        cfg = self.config
-        rot = int(cfg.rope_fraction * cfg.head_dim) // 2 * 2
-        inv_freq = cfg.rope_theta ** -(torch.arange(0, rot, 2, device=x.device, dtype=torch.float32) / rot)
-        angles = positions[:, None, :, None].float() * inv_freq  # [B,1,N,rot/2]
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = rope_tables(self.config, positions)
         bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
         bias = bias.masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]
         for layer in self.layers:

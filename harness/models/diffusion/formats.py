@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError, unknown_name
-from harness.models.diffusion.bidirectional import BidirectionalConfig, BidirectionalLM
+from harness.models.diffusion.bidirectional import ROPE_CACHE_DTYPES, BidirectionalConfig, BidirectionalLM
 from harness.models.loading import torch_dtype
 
 HUB_FORMATS = {
@@ -54,6 +54,7 @@ class Denoiser:
     format: str
     source: str
     max_length: int
+    settings: dict[str, Any] = field(default_factory=dict)  # load-time options that change the numbers
 
 
 class FullAttention(nn.Module):
@@ -78,20 +79,25 @@ class FullAttention(nn.Module):
 
 def load_denoiser(source: str, format: str | None = None, *, dtype: str = "float32", device: str = "cpu",
                   mask_id: int | None = None, tokenizer: str | None = None,
-                  config: str | dict | None = None) -> Denoiser:
+                  config: str | dict | None = None, rope_cache_dtype: str | None = None) -> Denoiser:
     """Load ``source`` (path or hub id) as a :class:`Denoiser`; ``format`` None: :func:`detect_format`.
 
     ``config`` gives the architecture where the weights do not (smdm): a name such as
     ``Diff_LLaMA_1028M``, a dict of lit-gpt fields, or a json file; ``tokenizer`` overrides the
-    checkpoint's tokenizer and ``mask_id`` its mask token.
+    checkpoint's tokenizer and ``mask_id`` its mask token. ``rope_cache_dtype="bfloat16"`` (smdm
+    only) rounds the rotary tables to bfloat16 as SMDM's own code does.
     """
     if format is not None and format not in LOADERS:
         raise unknown_name("checkpoint format", format, LOADERS)
     fmt = format or (None if Path(source).expanduser().exists() else HUB_FORMATS.get(_repo_id(source)))
     path = _local(source)
     fmt = fmt or detect_format(path)
+    settings = {"rope_cache_dtype": rope_cache_dtype} if rope_cache_dtype is not None else {}
+    if settings and (fmt != "smdm" or rope_cache_dtype not in ROPE_CACHE_DTYPES):
+        raise HarnessError(f"rope_cache_dtype must be one of {', '.join(ROPE_CACHE_DTYPES)} and applies to smdm "
+                           f"checkpoints only (got {rope_cache_dtype!r} for a {fmt} checkpoint)")
     model, tok, default_mask, shifted, max_length = LOADERS[fmt](
-        path, dtype=torch_dtype(dtype), tokenizer=tokenizer, config=config)
+        path, dtype=torch_dtype(dtype), tokenizer=tokenizer, config=config, **settings)
     mask = mask_id if mask_id is not None else default_mask
     if mask is None:
         raise HarnessError(f"{fmt} checkpoint '{source}' names no mask token; pass mask_id")
@@ -99,7 +105,7 @@ def load_denoiser(source: str, format: str | None = None, *, dtype: str = "float
     if not 0 <= mask < rows:
         raise HarnessError(f"mask id {mask} is outside the {rows}-token embedding of '{source}'")
     model.to(device).eval()
-    return Denoiser(model, tok, int(mask), shifted, fmt, source, int(max_length))
+    return Denoiser(model, tok, int(mask), shifted, fmt, source, int(max_length), settings)
 
 
 def detect_format(path: str | Path) -> str:
@@ -179,7 +185,8 @@ def _load_harness(path: Path, dtype: torch.dtype, tokenizer: str | None, config:
     return FullAttention(lm), tok, spec.get("mask_token_id"), spec["kind"] == "shifted", _hf_max_length(lm.config)
 
 
-def _load_smdm(path: Path, dtype: torch.dtype, tokenizer: str | None, config: Any) -> tuple:
+def _load_smdm(path: Path, dtype: torch.dtype, tokenizer: str | None, config: Any,
+               rope_cache_dtype: str | None = None) -> tuple:
     files = _weight_files(path)
     state = _read_weights(files)
     fields = _smdm_fields(files[0], config)
@@ -201,7 +208,7 @@ def _load_smdm(path: Path, dtype: torch.dtype, tokenizer: str | None, config: An
         intermediate_size=state["transformer.h.0.mlp.swiglu.w1.weight"].shape[0],
         output_size=state["lm_head.weight"].shape[0], rope_theta=10000.0,
         rope_fraction=float(fields.get("rotary_percentage", 1.0)), norm_eps=float(fields.get("norm_eps", 1e-5)),
-        max_length=int(fields.get("block_size", 2048)))
+        max_length=int(fields.get("block_size", 2048)), rope_cache_dtype=rope_cache_dtype)
     names = {"norm_1.weight": "attn_norm.weight", "attn.proj.weight": "attn.o.weight",
              "norm_2.weight": "mlp_norm.weight", "mlp.swiglu.w1.weight": "mlp.gate.weight",  # xformers
              "mlp.swiglu.w2.weight": "mlp.up.weight", "mlp.swiglu.w3.weight": "mlp.down.weight"}  # SwiGLU
