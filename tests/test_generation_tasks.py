@@ -72,7 +72,8 @@ def test_prompt_shapes_and_targets(data_dir):
     assert request.max_tokens == 0 and request.reference == " signs" and not request.context.endswith(" ")
     squad = task("triviaqa_diffugpt", data_dir)
     (request,) = squad.requests(squad.docs()[0])
-    assert request.reference == "Denver Broncos" and request.max_tokens == 10 and request.until == ()
+    # eval-diffugpt.py: every distinct gold answer, the longest in tokens, no slack (see test_diffugpt_protocol_tasks)
+    assert request.reference == ("Denver Broncos",) and request.max_tokens == 0 and request.until == ()
 
 
 def test_fewshot_is_seeded_per_document(data_dir):
@@ -105,7 +106,7 @@ def test_settings_record_every_generation_option(data_dir):
 def test_unknown_option_and_bad_length_are_clear_errors(data_dir):
     with pytest.raises(HarnessError, match="unknown option.*num_fewshots"):
         task("gsm8k", data_dir, num_fewshots=3)
-    with pytest.raises(HarnessError, match="length must be fixed or oracle"):
+    with pytest.raises(HarnessError, match="length must be one of fixed, oracle, chars"):
         task("squad", data_dir, length="exact")
 
 

@@ -7,8 +7,14 @@ seed) are what ``settings()`` records and hashes.
 Length protocol (``length``): ``fixed`` gives every request the same budget (``max_tokens``;
 stop sequences and EOS may end it early); ``oracle`` gives it the token count of the reference
 answer under the model's own tokenizer plus ``oracle_slack`` tokens (the backend counts: the
-request carries the reference). With several gold answers the reference is the longest one in
-characters; it gets a leading space unless the prompt ends in whitespace.
+request carries the reference); ``chars`` gives it as many tokens as the reference has
+characters (the DiffuLLaMA ``eval-llm.py`` AR baselines), with no reference in the request.
+With several gold answers the reference is the longest one in characters, or, where a task
+passes them all, the longest in tokens; a reference gets a leading space unless the prompt
+ends in whitespace.
+
+``gen_kwargs()`` turns the options ``diffusion_steps`` and ``max_input_tokens`` (where a task
+has them; None: unset) into the request's per-task sampler settings (``harness.models.base.GEN_KWARGS``).
 
 Few-shot examples are drawn per document with ``random.Random(f"{fewshot_seed}:{doc id}")``,
 so a document's prompt does not depend on the run seed, the limit, the shard or a resume.
@@ -19,7 +25,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 from harness.config import TaskSpec
 from harness.errors import HarnessError
@@ -30,7 +36,7 @@ from harness.tasks.base import Task
 from harness.tasks.data import hub_rows
 from harness.tasks.likelihood import read_jsonl
 
-LENGTH_PROTOCOLS = ("fixed", "oracle")
+LENGTH_PROTOCOLS = ("fixed", "oracle", "chars")
 
 
 class GenerationTask(Task):
@@ -48,7 +54,8 @@ class GenerationTask(Task):
                                f"(known: {', '.join(sorted(self.defaults))})")
         self.options = {**self.defaults, **self.options}
         if self.options.get("length", "fixed") not in LENGTH_PROTOCOLS:
-            raise HarnessError(f"task '{self.name}': length must be fixed or oracle, not '{self.options['length']}'")
+            raise HarnessError(f"task '{self.name}': length must be one of {', '.join(LENGTH_PROTOCOLS)}, "
+                               f"not '{self.options['length']}'")
 
     def docs(self) -> list[dict[str, Any]]:
         docs = super().docs()
@@ -60,13 +67,23 @@ class GenerationTask(Task):
         settings["options"] = {k: v for k, v in self.options.items() if k != "allow_code_exec"}
         return settings
 
-    def budget(self, reference: str, prompt: str = "") -> tuple[int, str | None]:
-        """(tokens, reference) of a request under the length protocol; the reference gets a leading
-        space when it follows a ``prompt`` that does not end in whitespace."""
-        if self.options.get("length", "fixed") == "fixed":
+    def budget(self, reference: str | Sequence[str], prompt: str = "") -> tuple[int, str | tuple[str, ...] | None]:
+        """(tokens, reference) of a request under the length protocol. Several references go to the
+        backend as a tuple (it takes the longest in tokens); each gets a leading space when it
+        follows a ``prompt`` that does not end in whitespace."""
+        length = self.options.get("length", "fixed")
+        if length == "fixed":
             return self.options[self.budget_option], None
-        spaced = reference if not prompt or prompt[-1].isspace() else " " + reference
-        return self.options.get("oracle_slack", 0), spaced
+        references = [reference] if isinstance(reference, str) else list(reference)
+        if length == "chars":
+            return max(len(r) for r in references), None
+        spaced = [r if not prompt or prompt[-1].isspace() else " " + r for r in references]
+        return self.options.get("oracle_slack", 0), spaced[0] if isinstance(reference, str) else tuple(spaced)
+
+    def gen_kwargs(self) -> dict[str, Any]:
+        """Per-request sampler settings from the options (see the module docstring)."""
+        pairs = {"steps": "diffusion_steps", "max_input_tokens": "max_input_tokens"}
+        return {key: self.options[option] for key, option in pairs.items() if self.options.get(option) is not None}
 
     def fewshot(self, doc: dict[str, Any], pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``num_fewshot`` examples from ``pool``, drawn with a generator seeded by the document id."""
@@ -83,6 +100,17 @@ class GenerationTask(Task):
 
 def longest(answers: list[str]) -> str:
     return max(answers, key=len)
+
+
+def was_skipped(results: Sequence[GenerationResult]) -> bool:
+    """The backend skipped the request (``max_input_tokens``): the document gets no metric."""
+    return any(r.extra.get("skipped") for r in results)
+
+
+def skip_record(results: Sequence[GenerationResult]) -> dict[str, Any]:
+    """The sample-record fields of a skipped document: the flag and the backend's reason."""
+    reasons = [r.extra["skipped"] for r in results if isinstance(r.extra.get("skipped"), str)]
+    return {"skipped": True, **({"skip_reason": "; ".join(reasons)} if reasons else {})}
 
 
 # ---- question answering -------------------------------------------------------------------------

@@ -2,14 +2,20 @@
 
 Length protocol (``length``): ``oracle`` (default, the DiffuGPT/DiffuLLaMA protocol) fills as
 many tokens as the reference middle has under the model's tokenizer, and the completion is used
-as it is; ``fixed`` fills ``fixed_tokens`` tokens and trims the completion: ROCStories keeps
-its first sentence; code keeps as many line breaks as the reference middle has (after the k-th
-newline when the reference ends with one, else before the (k+1)-th), so single-line infilling
-keeps the first line. AR models infill by the backend's ``infill_mode`` (prefix | reorder),
-which each record's response carries.
+as it is; ``chars`` (the AR baselines of DiffuLLaMA's ``eval-llm.py``) fills as many tokens as
+the middle has characters, the completion also used as it is; ``fixed`` fills ``fixed_tokens``
+tokens and trims the completion: ROCStories keeps its first sentence; code keeps as many line
+breaks as the reference middle has (after the k-th newline when the reference ends with one,
+else before the (k+1)-th), so single-line infilling keeps the first line. AR models infill by
+the backend's ``infill_mode`` (prefix | reorder), which each record's response carries.
+
+Sampler options: ``diffusion_steps`` (None: the sampler's default) and, for code,
+``max_input_tokens`` (None: no limit; a longer prompt + fill is skipped by the backend and the
+problem gets no metric), both sent as the request's ``gen_kwargs``.
 
 Code tasks run ``prompt + completion + suffix + "\\n" + test`` and ``check(entry_point)`` in the
-sandbox (``harness.scoring.sandbox``) and refuse to load without ``allow_code_exec``.
+sandbox (``harness.scoring.sandbox``; option ``timeout_s`` replaces its wall-clock timeout) and
+refuse to load without ``allow_code_exec``.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import importlib.metadata
 import importlib.util
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,7 @@ from harness.scoring.passk import pass_at_k
 from harness.scoring.rouge import rouge_f
 from harness.scoring.sandbox import (SandboxLimits, check_program, filesystem_isolation_available,
                                      network_isolation_available)
-from harness.tasks.generation import GenerationTask
+from harness.tasks.generation import GenerationTask, skip_record, was_skipped
 
 SANDBOX_LIMITS = SandboxLimits()
 
@@ -51,9 +57,15 @@ def trim_to_reference_lines(completion: str, reference: str) -> str:
 class InfillTask(GenerationTask):
     budget_option = "fixed_tokens"
 
-    def infill_request(self, prefix: str, suffix: str, middle: str) -> InfillRequest:
+    def infill_request(self, prefix: str, suffix: str, middle: str, space: str = "") -> InfillRequest:
+        """The request for ``middle`` (the reference, after ``space``) between prefix and suffix."""
         tokens, reference = self.budget(middle)
-        return InfillRequest(prefix, suffix, tokens, reference=reference)
+        return InfillRequest(prefix, suffix, tokens, reference=None if reference is None else space + reference,
+                             gen_kwargs=self.gen_kwargs())
+
+    def skipped(self, results: list[GenerationResult], target: str) -> tuple[dict[str, float], dict[str, Any]]:
+        """No metric for a request the backend skipped; the record says so."""
+        return {}, {**skip_record(results), "prediction": "", "target": target, "length": self.options["length"]}
 
 
 class ROCStoriesInfill(InfillTask):
@@ -61,11 +73,14 @@ class ROCStoriesInfill(InfillTask):
 
     ROUGE-1/2/L F-measures x100 per story, then averaged. ``use_stemmer`` defaults to false: the
     DiffuGPT script scored with Hugging Face ``evaluate``'s rouge, whose default is no stemming.
+    ``leading_space`` (default true) puts a space before the suffix and the middle; the DiffuGPT
+    script encodes both without one (``rocstories_infill_diffugpt``).
     """
 
     metrics = {"rouge1": "mean", "rouge2": "mean", "rougeL": "mean", "rouge_avg": "mean"}
     higher_is_better = {m: True for m in metrics}
-    defaults = {"length": "oracle", "oracle_slack": 0, "fixed_tokens": 32, "max_docs": 1000, "use_stemmer": False}
+    defaults = {"length": "oracle", "oracle_slack": 0, "fixed_tokens": 32, "max_docs": 1000, "use_stemmer": False,
+                "leading_space": True, "diffusion_steps": None}
 
     def read_local(self, paths):
         with open(paths["rows"], newline="", encoding="utf-8") as handle:
@@ -76,11 +91,14 @@ class ROCStoriesInfill(InfillTask):
                 for row in rows]
 
     def requests(self, doc):
-        return [self.infill_request(doc["prefix"], " " + doc["suffix"], " " + doc["middle"])]
+        space = " " if self.options["leading_space"] else ""
+        return [self.infill_request(doc["prefix"], space + doc["suffix"], doc["middle"], space)]
 
     def process(self, doc, results: list[GenerationResult]):
+        if was_skipped(results):
+            return self.skipped(results, doc["middle"])
         text = results[0].text
-        prediction = (text if self.options["length"] == "oracle" else first_sentence(text)).strip()
+        prediction = (first_sentence(text) if self.options["length"] == "fixed" else text).strip()
         metrics = rouge_f(prediction, doc["middle"], use_stemmer=self.options["use_stemmer"])
         return metrics, {"prediction": prediction, "target": doc["middle"], "length": self.options["length"]}
 
@@ -108,11 +126,17 @@ class CodeTask:
         self.require_code_exec()
         return super().docs()
 
+    @property
+    def limits(self) -> SandboxLimits:
+        """The sandbox limits, with the task's ``timeout_s`` where it has one."""
+        timeout = self.options.get("timeout_s")
+        return SANDBOX_LIMITS if timeout is None else replace(SANDBOX_LIMITS, timeout_s=float(timeout))
+
     def settings(self):
-        return {**super().settings(), "sandbox": asdict(SANDBOX_LIMITS)}
+        return {**super().settings(), "sandbox": asdict(self.limits)}
 
     def score(self, doc: dict[str, Any], completion: str, program: str) -> tuple[dict[str, float], dict[str, Any]]:
-        result = check_program(program + "\n" + doc["test"], f"check({doc['entry_point']})", SANDBOX_LIMITS)
+        result = check_program(program + "\n" + doc["test"], f"check({doc['entry_point']})", self.limits)
         extra = {"completion": completion, "status": result.status, "stderr": result.stderr[-500:]}
         return {"pass@1": pass_at_k(1, int(result.passed), 1)}, extra
 
@@ -125,7 +149,8 @@ def read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
 class HumanEvalInfill(CodeTask, InfillTask):
     """HumanEval infilling (single-line, multi-line, random span): InfillRequest(prompt, suffix)."""
 
-    defaults = {"length": "oracle", "oracle_slack": 0, "fixed_tokens": 128, "max_docs": None}
+    defaults = {"length": "oracle", "oracle_slack": 0, "fixed_tokens": 128, "max_docs": None, "diffusion_steps": None,
+                "max_input_tokens": None, "timeout_s": SANDBOX_LIMITS.timeout_s}
 
     def read_local(self, paths):
         return read_jsonl_gz(paths["rows"])
@@ -137,9 +162,11 @@ class HumanEvalInfill(CodeTask, InfillTask):
         return [self.infill_request(doc["prompt"], doc["suffix"], doc["canonical_solution"])]
 
     def process(self, doc, results: list[GenerationResult]):
+        if was_skipped(results):
+            return self.skipped(results, doc["canonical_solution"])
         text = results[0].text
-        completion = text if self.options["length"] == "oracle" else \
-            trim_to_reference_lines(text, doc["canonical_solution"])
+        completion = trim_to_reference_lines(text, doc["canonical_solution"]) if self.options["length"] == "fixed" \
+            else text
         metrics, extra = self.score(doc, completion, doc["prompt"] + completion + doc["suffix"])
         return metrics, {**extra, "length": self.options["length"]}
 
