@@ -22,7 +22,8 @@ from harness.models.base import (GenerateRequest, InfillRequest, LanguageModel, 
                                  RollingRequest)
 from harness.scoring.metrics import aggregate
 from harness.store import Store, default_store_path, write_json_atomic, write_jsonl_atomic
-from harness.tasks.base import Task, stable_hash, to_jsonable
+from harness.hashing import stable_hash, to_jsonable
+from harness.tasks.base import Task
 
 # documents scored and stored together: the most a killed run can lose
 CHUNK_DOCS = int(os.environ.get("HARNESS_CHUNK_DOCS", 64))

@@ -14,7 +14,7 @@ from harness.report.compare import dlm_vs_ar, paired
 from harness.report.reference import known_parents, load_papers, references, reproduction
 from harness.scoring.metrics import aggregate
 from harness.store import Store
-from harness.tasks.base import stable_hash
+from harness.hashing import stable_hash
 
 ENV = {"packages": {"dlm-harness": "0.1.0", "torch": "2.13.0", "transformers": "4.57.1"}, "git_sha": "0fe2d32" * 6,
        "python": "3.11.2", "hardware": {"cpu": "AMD EPYC 7B13", "cpu_cores": 2, "memory_gb": 8.0}}

@@ -146,7 +146,7 @@ def untrained_dlm(base: str) -> Path:
     from harness.models.factory import resolve_card
     from harness.models.loading import cache_dir, load_causal_lm, resolve_weights
     from harness.runner import slug
-    from harness.tasks.base import stable_hash
+    from harness.hashing import stable_hash
     from harness.train.recipe import add_mask_token
 
     card = resolve_card(base)
@@ -225,7 +225,7 @@ def bench_model(name: str, options: dict[str, Any], *, suite: str | None, output
     from harness.perf.throughput import measure, prompt_text, sweep, synthetic_prompts
     from harness.runner import slug
     from harness.store import Store, default_store_path, write_jsonl_atomic
-    from harness.tasks.base import stable_hash
+    from harness.hashing import stable_hash
 
     target = str(untrained_dlm(name[len(UNTRAINED):])) if name.startswith(UNTRAINED) else name
     untrained = is_untrained(target)
@@ -283,7 +283,7 @@ def quality(lm, variant, setting, spec: dict[str, Any], *, name: str, seed: int,
     """The quality task's score for ``variant`` at ``setting`` (one eval run per backend setting)."""
     from harness.catalog import catalog
     from harness.runner import RunConfig, evaluate
-    from harness.tasks.base import stable_hash
+    from harness.hashing import stable_hash
 
     variant.configure(setting)
     key = stable_hash(variant.describe(setting) | {"use_cache": None})  # the cache changes speed, not text

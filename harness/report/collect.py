@@ -15,7 +15,7 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.report import Footnotes, Link, Table
 from harness.store import Store
-from harness.tasks.base import stable_hash
+from harness.hashing import stable_hash
 
 # metrics not shown x100: not fractions, or (ROUGE) already x100
 NOT_PERCENT = ("perplexity", "ppl", "nll", "bpb", "bits", "loss", "latency", "tokens", "length", "nfe", "rouge")

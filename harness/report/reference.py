@@ -13,7 +13,7 @@ from harness.config import BASELINES_DIR, read_yaml
 from harness.errors import HarnessError
 from harness.report import Footnotes, Table
 from harness.report.collect import DASH, Cell, fmt, percent
-from harness.tasks.base import stable_hash
+from harness.hashing import stable_hash
 
 PAPERS_DIR = BASELINES_DIR / "papers"
 KEYS = {

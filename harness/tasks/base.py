@@ -1,28 +1,18 @@
 """A task turns documents into requests and the answers into per-example metrics."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from harness.config import TaskSpec
 from harness.errors import HarnessError
+from harness.hashing import stable_hash, to_jsonable
 from harness.models.base import (GenerateRequest, InfillRequest, LoglikelihoodRequest, LoglikelihoodResult,
                                  RollingRequest)
 from harness.tasks.data import hub_rows, local_paths
 
 Request = LoglikelihoodRequest | GenerateRequest | InfillRequest | RollingRequest
-
-
-def stable_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def to_jsonable(obj: Any) -> Any:
-    return asdict(obj) if is_dataclass(obj) else obj
 
 
 class Task:

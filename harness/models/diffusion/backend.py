@@ -23,7 +23,7 @@ from harness.models.batching import parse_batch_size
 from harness.models.diffusion.estimators import GREEDY_CHECKS, METHODS, LikelihoodRequest, estimate
 from harness.models.diffusion.formats import Denoiser, load_denoiser
 from harness.models.diffusion.samplers import SAMPLERS, FillRequest
-from harness.tasks.base import stable_hash
+from harness.hashing import stable_hash
 
 ESTIMATOR_SETTINGS = ("samples", "eps", "cfg_scale")
 SAMPLER_SETTINGS = ("steps", "block_length", "temperature", "top_p", "threshold", "remasking", "cfg_scale")
