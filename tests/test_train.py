@@ -348,7 +348,7 @@ def test_two_processes_match_one(reference, tmp_path, tiny_llama_dir, corpus):
     """2 gloo processes x micro-batch 1 == 1 process x micro-batch 2 (the reference)."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "harness.train.recipe", *cli_args(tiny_llama_dir, corpus, out, batch_size=1)]
+           "-m", "harness.train", *cli_args(tiny_llama_dir, corpus, out, batch_size=1)]
     done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     spec = json.loads((out / "final" / "diffusion_config.json").read_text())

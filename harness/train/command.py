@@ -92,5 +92,5 @@ def adapt(
 
 
 def main() -> None:
-    """Entry point of ``python -m harness.train.recipe`` and ``accelerate launch -m harness.train.recipe``."""
+    """Entry point of ``python -m harness.train`` and ``accelerate launch -m harness.train``."""
     typer.run(adapt)

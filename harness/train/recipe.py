@@ -7,9 +7,9 @@ resume), ``train`` (the loop), ``train_step`` (one optimizer step over the globa
 Runs on one CPU, one GPU or many processes through Hugging Face Accelerate (DDP, or FSDP from
 the user's ``accelerate config``)::
 
-    python -m harness.train.recipe --data corpus.txt --output runs/adapt --preset quick
-    accelerate launch --num_processes 2 -m harness.train.recipe --data corpus.txt ...   # GPUs
-    torchrun --nproc_per_node 2 -m harness.train.recipe --data corpus.txt ...           # CPUs (gloo)
+    python -m harness.train --data corpus.txt --output runs/adapt --preset quick
+    accelerate launch --num_processes 2 -m harness.train --data corpus.txt ...   # GPUs
+    torchrun --nproc_per_node 2 -m harness.train --data corpus.txt ...           # CPUs (gloo)
 
 (``accelerate launch --cpu`` starts a single process; on a CPU-only machine use torchrun or
 ``accelerate launch --multi_gpu --num_processes N``, which fall back to gloo.)
@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import time
@@ -46,6 +45,8 @@ import torch
 
 from harness.errors import HarnessError
 from harness.models.loading import load_causal_lm
+from harness.train.checkpoints import (DIFFUSION_CONFIG, TMP_PREFIX, TRAINER_STATE, TRASH_PREFIX, checkpoint_step,
+                                       latest_checkpoint, plot_loss, publish, remove_dir)
 from harness.train.config import RUN_CONTROLS, TrainConfig
 from harness.train.data import DataOrder, read_source, tokenise
 from harness.train.objective import (ATTENTION, DROPOUT, LOSS_NORMALISATION, NOISE, anneal_ratio,
@@ -54,8 +55,6 @@ from harness.train.objective import (ATTENTION, DROPOUT, LOSS_NORMALISATION, NOI
 
 MASK_TOKEN = "<|mask|>"
 RUN_FILE, LOG_FILE, PLOT_FILE = "run.json", "train_log.jsonl", "loss.png"
-DIFFUSION_CONFIG, TRAINER_STATE = "diffusion_config.json", "trainer_state.pt"
-TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 
 
 # ----------------------------------------------------------------------------- model helpers
@@ -106,73 +105,6 @@ def lr_factor(step: int, config: TrainConfig) -> float:
         return 1.0
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-# ----------------------------------------------------------------------------- checkpoints on disk
-
-def checkpoint_step(path: Path) -> int | None:
-    """Step of a complete checkpoint directory, else None."""
-    try:
-        return int(json.loads((path / DIFFUSION_CONFIG).read_text())["step"]) \
-            if (path / TRAINER_STATE).is_file() else None
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The complete checkpoint (``checkpoint-*`` or ``final``) with the highest step."""
-    found = []
-    for path in out.glob("*") if out.is_dir() else []:
-        step = checkpoint_step(path) if path.name == "final" or path.name.startswith("checkpoint-") else None
-        if step is not None:
-            found.append((step, path.name == "final", path))
-    return max(found, key=lambda f: f[:2])[2] if found else None
-
-
-def remove_dir(path: Path) -> None:
-    """Rename out of sight first, so a kill mid-delete leaves nothing that looks complete."""
-    trash = path.with_name(TRASH_PREFIX + path.name)
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def publish(tmp: Path, target: Path) -> None:
-    if target.exists():
-        remove_dir(target)
-    os.replace(tmp, target)
-
-
-def ema(values: list[float], decay: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average, for reading a noisy loss curve."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = decay * avg + (1 - decay) * v
-        out.append(avg / (1 - decay**i))
-    return out
-
-
-def plot_loss(log_path: Path, png_path: Path) -> None:
-    """Loss curve of a train_log.jsonl (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in records]
-    for key, label in (("loss", "loss (CE/t per masked token)"), ("unweighted_loss", "masked CE")):
-        values = [r[key] for r in records]
-        line, = ax.plot(steps, values, alpha=0.35, label=label)
-        ax.plot(steps, ema(values), color=line.get_color(), label=f"{label}, EMA 0.9")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -442,8 +374,3 @@ def run(config: TrainConfig, weights: str) -> dict[str, Any]:
     recipe.setup()
     return recipe.train()
 
-
-if __name__ == "__main__":
-    from harness.train.command import main
-
-    main()
