@@ -27,7 +27,7 @@ import torch
 from harness.catalog import catalog
 from harness.models.base import GenerateRequest
 from harness.models.factory import build_model
-from harness.perf.command import untrained_dlm
+from harness.perf.untrained import untrained_dlm
 from harness.perf.timing import ForwardTimer, timed
 from harness.tasks.data import resolve_data_dir
 
@@ -82,7 +82,7 @@ def main() -> None:
         print(f"speed-up: {naive_s / batched_s:.2f}x   largest |score difference|: {gap:.2e}")
     if args.part == "scoring":
         return
-    lm.sampler.update(name=args.sampler, steps=args.sampler_steps)
+    lm.use_sampler(name=args.sampler, steps=args.sampler_steps)
     request = GenerateRequest(" ".join(doc["context"] for doc in docs[:3]), max_tokens=args.gen_length)
     lm.generate([request])  # warm-up
     runs = [sampler_overhead(lm, request) for _ in range(args.repeats)]

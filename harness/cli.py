@@ -6,16 +6,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from harness.console import console, out
 from harness.errors import HarnessError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark diffusion language models against autoregressive baselines.")
-console = Console(stderr=True)
-out = Console()
 
 
 def progress_bar() -> Progress:
@@ -43,38 +41,45 @@ def run(
     allow_code_exec: bool = typer.Option(False, "--allow-code-exec", help="Run generated code in the sandbox."),
 ) -> None:
     """Evaluate a model on tasks; resumes a run started with the same command."""
-    from harness.catalog import catalog
-    from harness.models.factory import parse_model_args, resolve_card
-    from harness.runner import RunConfig, check_output_dir, evaluate
+    from dataclasses import replace
+
+    from harness.models.factory import parse_model_args
+    from harness.plan import RunConfig, plan_run
+    from harness.runner import evaluate
     from harness.tasks.data import resolve_data_dir
 
-    names, suite_spec = catalog().expand(split_names(tasks), suite)
-    if not names:
-        raise HarnessError("nothing to run: give --tasks and/or --suite")
-    check_output_dir(output)
-    family = "diffusion" if resolve_card(model).backend == "diffusion" else "ar"
-    suite_args = suite_spec.model_args.get(family, {}) if suite_spec else {}
-    args = {**suite_args, **parse_model_args(model_args)}
-    task_options = {n: {**(suite_spec.task_options(n, family) if suite_spec else {}),
-                        **({"allow_code_exec": True} if allow_code_exec else {})} for n in names}
-    # a suite's seeds apply to diffusion models only: AR scoring and greedy decoding draw nothing
-    suite_seeds = list(suite_spec.seeds) if suite_spec and suite_spec.seeds and family == "diffusion" else [1234]
-    seeds = [seed] if seed is not None else suite_seeds
-    for run_seed in seeds:
-        config = RunConfig(model=model, tasks=names, suite=suite, seed=run_seed, batch_size=batch_size,
-                           device=device, dtype=dtype, model_args=args, data_dir=resolve_data_dir(data_dir),
-                           output=output, limit=limit if limit is not None else (suite_spec.limit if suite_spec else None),
-                           task_options={n: o for n, o in task_options.items() if o})
+    names = split_names(tasks)
+    config = RunConfig(model=model, tasks=names, suite=suite, seed=seed or 1234, batch_size=batch_size,
+                       device=device, dtype=dtype, model_args=parse_model_args(model_args),
+                       data_dir=resolve_data_dir(data_dir), output=output, limit=limit,
+                       task_options={n: {"allow_code_exec": True} for n in names} if allow_code_exec else {})
+    plan = plan_run(config)
+    if allow_code_exec:  # the suite's tasks too
+        plan = replace(plan, task_options={n: {**plan.task_options.get(n, {}), "allow_code_exec": True}
+                                           for n in plan.tasks})
+    seeds = run_seeds(plan, seed)
+    for number, run_seed in enumerate(seeds, 1):
         if len(seeds) > 1:
-            console.print(f"seed {run_seed} ({seeds.index(run_seed) + 1} of {len(seeds)})")
+            console.print(f"seed {run_seed} ({number} of {len(seeds)})")
         with progress_bar() as progress:
-            results = evaluate(config, progress=progress)
+            results = evaluate(replace(plan, seed=run_seed), progress=progress)
         if results:
             reused = sum(results["harness"]["reused_records"].values())
             if reused:
                 console.print(f"resumed: {reused} stored documents were not scored again")
             print_results(results)
             console.print(f"run [bold]{results['harness']['run_id']}[/] stored in {results['harness']['store']}")
+
+
+def run_seeds(plan, seed: int | None) -> list[int]:
+    """``--seed``, else the suite's seeds for a diffusion model (AR scoring and greedy decoding
+    draw nothing), else 1234."""
+    from harness.catalog import catalog
+
+    if seed is not None:
+        return [seed]
+    suite = catalog().suites.get(plan.suite) if plan.suite else None
+    return list(suite.seeds) if suite and suite.seeds and plan.family == "diffusion" else [plan.seed]
 
 
 def print_results(results: dict) -> None:

@@ -19,8 +19,11 @@ def import_string(path: str) -> Any:
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """Names to objects. Iteration lists the names sorted, or in registration order if ``ordered``."""
+
+    def __init__(self, kind: str, *, ordered: bool = False):
         self.kind = kind
+        self.ordered = ordered
         self._items: dict[str, T | str] = {}
 
     def register(self, name: str, obj: T | str | None = None) -> Any:
@@ -44,11 +47,16 @@ class Registry(Generic[T]):
             self._items[name] = item
         return item  # type: ignore[return-value]
 
+    __getitem__ = get
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(self.names())
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return list(self._items) if self.ordered else sorted(self._items)
+
+    def values(self) -> list[T]:
+        return [self.get(name) for name in self.names()]

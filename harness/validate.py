@@ -14,7 +14,6 @@ from rich.table import Table
 from harness.catalog import catalog
 from harness.errors import HarnessError
 from harness.models.base import LoglikelihoodResult
-from harness.models.factory import resolve_card
 
 
 def lm_eval_hf(weights: str, batch_size: int, dtype: str):
@@ -39,12 +38,14 @@ def validate_against_lm_eval(model: str, tasks: list[str], *, limit: int | None,
                              data_dir: Path | None, tolerance: float, console: Console) -> bool:
     from harness.models.factory import build_model
     from harness.models.loading import resolve_weights
+    from harness.plan import RunConfig, plan_run
 
-    card = resolve_card(model)
+    plan = plan_run(RunConfig(model=model, tasks=tasks, limit=limit, batch_size=batch_size, data_dir=data_dir))
+    card = plan.card
     if card.backend != "hf_ar":
         raise HarnessError(f"'{model}' is a diffusion model; lm-eval's HF backend scores AR models only")
-    task_objs = [catalog().task(name, data_dir) for name in tasks]
-    ours_model = build_model(model, batch_size=batch_size)
+    task_objs = [catalog().task(name, data_dir, plan.task_options.get(name)) for name in plan.tasks]
+    ours_model = build_model(card, batch_size=batch_size, dtype=plan.dtype, settings=plan.settings)
     table = Table(title=f"harness vs lm-eval HFLM — {model}")
     for column in ("task", "requests", "max |Δ loglik|", "acc (harness)", "acc (lm-eval)", "greedy agree", "verdict"):
         table.add_column(column)

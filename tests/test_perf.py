@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.perf import command
-from harness.perf.command import DEFAULTS, bench_model, bench_options, hardware_tag, is_untrained, untrained_dlm
+from harness.perf import sweep as bench_sweep
+from harness.perf.command import DEFAULTS, bench_options
+from harness.perf.sweep import bench_model, hardware_tag
+from harness.perf.untrained import is_untrained, untrained_dlm
 from harness.perf.probe import probe
 from harness.perf.throughput import Setting, count_generated, sweep, synthetic_prompts
 from harness.perf.timing import ForwardCounter, ForwardTimer, PeakMemory, percentile, summary
@@ -143,8 +145,8 @@ def test_run_id_names_the_hardware(tiny_llama_dir, tmp_path, monkeypatch):
     options = {**TINY, "ar_modes": ["kv_cache"], "repeats": 1, "warmup": 0}
     here, _ = bench_model(str(tiny_llama_dir), options, suite=None, output=tmp_path, device="cpu", dtype=None,
                           seed=1, data_dir=None, log=lambda *a: None)
-    real = command.hardware_fingerprint
-    monkeypatch.setattr(command, "hardware_fingerprint", lambda env, dtype: {**real(env, dtype), "gpu": "NVIDIA H100"})
+    real = bench_sweep.hardware_fingerprint
+    monkeypatch.setattr(bench_sweep, "hardware_fingerprint", lambda env, dtype: {**real(env, dtype), "gpu": "NVIDIA H100"})
     there, _ = bench_model(str(tiny_llama_dir), options, suite=None, output=tmp_path, device="cpu", dtype=None,
                            seed=1, data_dir=None, log=lambda *a: None)
     assert here != there and "-h100-" in there

@@ -7,6 +7,7 @@ from typing import Any
 from harness.config import DiffusionSpec, ModelCard
 from harness.errors import HarnessError, unknown_name
 from harness.models.base import LanguageModel
+from harness.models.settings import ARSettings, DiffusionSettings, settings_for
 
 DIFFUSION_CONFIG = "diffusion_config.json"
 
@@ -56,19 +57,30 @@ def resolve_card(name_or_path: str) -> ModelCard:
     raise unknown_name("model", name_or_path, models.names())
 
 
-def build_model(name_or_path: str, *, device: str = "cpu", dtype: str | None = None,
-                batch_size: int | str = 16, model_args: dict[str, Any] | None = None) -> LanguageModel:
-    card = resolve_card(name_or_path)
-    args = {**card.defaults, **(model_args or {})}
+def build_model(model: str | ModelCard, *, device: str = "cpu", dtype: str | None = None,
+                batch_size: int | str = 16, model_args: dict[str, Any] | None = None,
+                settings: DiffusionSettings | ARSettings | None = None) -> LanguageModel:
+    """A scorer for a card (or a name, resolved here). ``settings``: already parsed model arguments
+    (a run plan's); otherwise the card's defaults and ``model_args`` are parsed."""
+    card = resolve_card(model) if isinstance(model, str) else model
+    if settings is None:
+        settings = settings_for(card.backend, {**card_model_args(card), **(model_args or {})})
     dtype = dtype or card.dtype
     if card.backend == "hf_ar":
         from harness.models.hf_ar import HFCausalLM
         from harness.models.loading import load_causal_lm, resolve_weights
 
         weights = resolve_weights(card.weights)
-        model, tokenizer = load_causal_lm(weights, dtype=dtype, device=device)
-        return HFCausalLM(model, tokenizer, name=card.name, weights=weights, dtype=dtype, device=device,
-                          batch_size=batch_size, **args)
+        lm, tokenizer = load_causal_lm(weights, dtype=dtype, device=device)
+        return HFCausalLM(lm, tokenizer, name=card.name, weights=weights, dtype=dtype, device=device,
+                          batch_size=batch_size, settings=settings)
     from harness.models.diffusion.backend import DiffusionLM
 
-    return DiffusionLM.from_card(card, device=device, dtype=dtype, batch_size=batch_size, **args)
+    return DiffusionLM.from_card(card, settings, device=device, dtype=dtype, batch_size=batch_size)
+
+
+def card_model_args(card: ModelCard) -> dict[str, Any]:
+    """The model arguments a card sets: its diffusion spec's settings, then its ``defaults``."""
+    spec = card.diffusion
+    named = {k: getattr(spec, k) for k in ("estimator", "sampler", "greedy", "start_token")} if spec else {}
+    return {**{k: v for k, v in named.items() if v is not None}, **card.defaults}

@@ -18,6 +18,7 @@ from harness.models.base import (GenerateRequest, GenerationResult, InfillReques
                                  LoglikelihoodRequest, LoglikelihoodResult, RollingRequest,
                                  RollingResult, encode_segments, split_pair, token_budget, truncate_at_stops)
 from harness.models.batching import AutoBatch
+from harness.models.settings import ARSettings
 
 
 @dataclass
@@ -32,20 +33,14 @@ class PackedRow:
 
 class HFCausalLM(LanguageModel):
     def __init__(self, model, tokenizer, *, name: str, weights: str, dtype: str = "float32",
-                 device: str = "cpu", batch_size: int | str = 16, infill_mode: str = "prefix",
-                 max_length: int | None = None, **unused: Any):
-        if unused:
-            from harness.errors import HarnessError
-            raise HarnessError(f"unknown model argument(s) for an AR model: {', '.join(sorted(unused))}")
+                 device: str = "cpu", batch_size: int | str = 16, settings: ARSettings | None = None):
+        settings = settings or ARSettings()
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.weights, self.dtype, self.device = weights, dtype, device
         self.batch = AutoBatch(batch_size)
-        if infill_mode not in ("prefix", "reorder"):
-            from harness.errors import HarnessError
-            raise HarnessError(f"infill_mode must be prefix or reorder, not '{infill_mode}'")
-        self.infill_mode = infill_mode
+        self.infill_mode = settings.infill_mode
         config = model.config
-        self.max_length = max_length or getattr(config, "max_position_embeddings", None) or 2048
+        self.max_length = settings.max_length or getattr(config, "max_position_embeddings", None) or 2048
         self.prefix_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
     @property

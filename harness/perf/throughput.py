@@ -151,14 +151,14 @@ def dlm_variants(lm, samplers: Sequence[str]) -> list[Variant]:
     params, weight_bytes = weights_of(lm.denoiser.model)
 
     def configure(setting: Setting, sampler: str) -> None:
-        lm.sampler.update(name=sampler, steps=setting.steps)
+        lm.use_sampler(name=sampler, steps=setting.steps)
 
     def run(prompts: list[list[int]], setting: Setting, sampler: str) -> int:
         if len(prompts) > lm.rows_per_call:
             raise HarnessError(f"batch {len(prompts)} exceeds the backend's {lm.rows_per_call} rows a call")
         configure(setting, sampler)
         fills = [FillRequest(p, setting.gen_length, (), str(i)) for i, p in enumerate(prompts)]
-        return sum(r.n_tokens for r in lm._sample(fills, [()] * len(fills), stop_at_eos=False))
+        return sum(r.n_tokens for r in lm.fill(fills))
 
     def first(prompts: list[list[int]], setting: Setting) -> Any:
         return lm.denoise(*right_pad([p + [mask] * setting.gen_length for p in prompts], mask))
@@ -170,7 +170,7 @@ def dlm_variants(lm, samplers: Sequence[str]) -> list[Variant]:
         variants.append(Variant(
             sampler, "diffusion", run=lambda p, s, n=sampler: run(p, s, n), first=first, params=params,
             weight_bytes=weight_bytes, module=lm.denoiser.model, configure=lambda s, n=sampler: configure(s, n),
-            describe=lambda s, n=sampler: {**lm.fingerprint, "sampler": {**lm.sampler, "name": n, "steps": s.steps}}))
+            describe=lambda s, n=sampler: {**lm.fingerprint, "sampler": {**asdict(lm.sampler), "name": n, "steps": s.steps}}))
     return variants
 
 

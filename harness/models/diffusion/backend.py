@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -20,73 +20,59 @@ from harness.models.base import (GenerateRequest, GenerationResult, InfillReques
                                  LoglikelihoodRequest, LoglikelihoodResult, RollingRequest, RollingResult,
                                  encode_segments, split_pair, token_budget, truncate_at_stops)
 from harness.models.batching import parse_batch_size
-from harness.models.diffusion.estimators import GREEDY_CHECKS, METHODS, LikelihoodRequest, estimate
+from harness.models.diffusion.estimators import LikelihoodRequest, estimate
 from harness.models.diffusion.formats import Denoiser, load_denoiser
 from harness.models.diffusion.samplers import SAMPLERS, FillRequest
 from harness.hashing import stable_hash
+from harness.models.settings import DiffusionSettings, SamplerSettings
 
-ESTIMATOR_SETTINGS = ("samples", "eps", "cfg_scale")
-SAMPLER_SETTINGS = ("steps", "block_length", "temperature", "top_p", "threshold", "remasking", "cfg_scale")
 # what a request's gen_kwargs may override in the sampler settings
 REQUEST_SAMPLER_SETTINGS = ("steps", "temperature", "top_p")
-START_TOKENS = ("bos", "none")
 
 
 class DiffusionLM(LanguageModel):
     is_diffusion = True
 
     def __init__(self, denoiser: Denoiser, *, name: str, dtype: str = "float32", device: str = "cpu",
-                 batch_size: int | str = 16, estimator: str = "mc_time", samples: int = 32, eps: float = 1e-3,
-                 cfg_scale: float = 0.0, sampler: str = "llada", steps: int | None = None,
-                 block_length: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                 threshold: float = 0.9, remasking: str = "low_confidence", base_model: str | None = None,
-                 greedy: str = "parallel", start_token: str = "bos"):
-        if estimator not in METHODS:
-            raise HarnessError(f"unknown estimator '{estimator}' (known: {', '.join(METHODS)})")
-        if sampler not in SAMPLERS:
-            raise HarnessError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
-        if greedy not in GREEDY_CHECKS:
-            raise HarnessError(f"unknown greedy check '{greedy}' (known: {', '.join(GREEDY_CHECKS)})")
-        if start_token not in START_TOKENS:
-            raise HarnessError(f"unknown start_token '{start_token}' (known: {', '.join(START_TOKENS)})")
+                 batch_size: int | str = 16, settings: DiffusionSettings | None = None):
+        settings = settings or DiffusionSettings()
         size, auto = parse_batch_size(batch_size)
         self.rows_per_call = size
         self.denoiser, self.name, self.dtype, self.device = denoiser, name, dtype, device
         self.tokenizer = denoiser.tokenizer
-        self.estimator = {"method": estimator, "samples": int(samples), "eps": float(eps), "cfg_scale": float(cfg_scale),
-                          "greedy": greedy}
-        self.sampler = {"name": sampler, "steps": steps, "block_length": block_length, "temperature": float(temperature),
-                        "top_p": float(top_p), "threshold": float(threshold), "remasking": remasking,
-                        "cfg_scale": float(cfg_scale)}
+        self.estimator, self.sampler = settings.estimator, settings.sampler
         bos = self.tokenizer.bos_token_id
         self.prefix_token = bos if bos is not None else self.tokenizer.eos_token_id
-        self.start_token = start_token
+        self.start_token = settings.start_token
         self.forward_passes = 0
-        self.base_model = base_model
+        self.base_model = settings.base_model
 
     @classmethod
-    def from_card(cls, card: ModelCard, *, device: str, dtype: str, batch_size: int | str, **args: Any) -> "DiffusionLM":
+    def from_card(cls, card: ModelCard, settings: DiffusionSettings, *, device: str, dtype: str,
+                  batch_size: int | str) -> "DiffusionLM":
         spec = card.diffusion
-        load_args = {k: args.pop(k) for k in ("format", "mask_id", "tokenizer", "config", "rope_cache_dtype")
-                     if k in args}
+        load = dict(settings.load)
         source = card.weights.get("path") or card.weights.get("hub")
         if source is None:
             raise HarnessError(f"diffusion model '{card.name}' needs weights.path or weights.hub")
-        denoiser = load_denoiser(source, load_args.pop("format", spec.format if spec else None), dtype=dtype,
-                                 device=device, mask_id=load_args.pop("mask_id", spec.mask_id if spec else None),
-                                 **load_args)
+        denoiser = load_denoiser(source, load.pop("format", spec.format if spec else None), dtype=dtype,
+                                 device=device, mask_id=load.pop("mask_id", spec.mask_id if spec else None), **load)
         if spec is not None and denoiser.shifted != (spec.kind == "shifted"):
             raise HarnessError(f"card '{card.name}' says {spec.kind} but the {denoiser.format} checkpoint is "
                                f"{'shifted' if denoiser.shifted else 'unshifted'}")
-        args.setdefault("base_model", diffusion_base_model(source))
-        args.setdefault("estimator", spec.estimator if spec else "mc_time")
-        args.setdefault("sampler", spec.sampler if spec else "llada")
-        args.setdefault("greedy", spec.greedy if spec else "parallel")
-        args.setdefault("start_token", spec.start_token if spec else "bos")
-        try:
-            return cls(denoiser, name=card.name, dtype=dtype, device=device, batch_size=batch_size, **args)
-        except TypeError as exc:
-            raise HarnessError(f"bad model argument for a diffusion model: {exc}") from exc
+        if settings.base_model is None:
+            settings = replace(settings, base_model=diffusion_base_model(source))
+        return cls(denoiser, name=card.name, dtype=dtype, device=device, batch_size=batch_size, settings=settings)
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence (prompt and fill) the denoiser takes."""
+        return self.denoiser.max_length
+
+    def use_sampler(self, **changes: Any) -> SamplerSettings:
+        """Switch the sampler settings (validated) for later calls; returns the new settings."""
+        self.sampler = replace(self.sampler, **changes)
+        return self.sampler
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -94,8 +80,8 @@ class DiffusionLM(LanguageModel):
         return {"backend": "diffusion", "name": self.name, "weights": d.source, "format": d.format,
                 "base_model": self.base_model,
                 "kind": "shifted" if d.shifted else "unshifted", "mask_id": d.mask_id, "dtype": self.dtype,
-                "device": self.device, "batch_size": self.rows_per_call, "estimator": self.estimator,
-                "sampler": self.sampler, "seed": self.seed, "start_token": self.start_token,
+                "device": self.device, "batch_size": self.rows_per_call, "estimator": asdict(self.estimator),
+                "sampler": asdict(self.sampler), "seed": self.seed, "start_token": self.start_token,
                 **({"load": d.settings} if getattr(d, "settings", None) else {})}
 
     # ---- the aligned denoiser -------------------------------------------------------------
@@ -145,9 +131,9 @@ class DiffusionLM(LanguageModel):
     def _estimate(self, pairs: list[tuple[list[int], list[int]]], keys: list[str]):
         settings = self.estimator
         return estimate(self.denoise, [LikelihoodRequest(c, k, key) for (c, k), key in zip(pairs, keys)],
-                        mask_id=self.denoiser.mask_id, method=settings["method"], samples=settings["samples"],
-                        seed=self.seed, batch_size=self.rows_per_call, eps=settings["eps"],
-                        cfg_scale=settings["cfg_scale"], greedy=settings["greedy"])
+                        mask_id=self.denoiser.mask_id, method=settings.method, samples=settings.samples,
+                        seed=self.seed, batch_size=self.rows_per_call, eps=settings.eps,
+                        cfg_scale=settings.cfg_scale, greedy=settings.greedy)
 
     def loglikelihood_rolling(self, requests: Sequence[RollingRequest]) -> list[RollingResult]:
         """The ELBO (a lower bound on log-likelihood) over the same disjoint windows as the AR backend."""
@@ -161,7 +147,7 @@ class DiffusionLM(LanguageModel):
             estimates = self._estimate(pairs, keys)
             variance = sum(e.stderr ** 2 for e in estimates if e.stderr == e.stderr)
             results.append(RollingResult(logprob=sum(e.logprob for e in estimates), n_tokens=len(ids),
-                                         exact=self.estimator["method"] == "chain_rule", stderr=variance ** 0.5))
+                                         exact=self.estimator.method == "chain_rule", stderr=variance ** 0.5))
         return results
 
     # ---- generation and infilling -----------------------------------------------------------
@@ -195,7 +181,7 @@ class DiffusionLM(LanguageModel):
             overrides = tuple(sorted((k, job.gen_kwargs[k]) for k in REQUEST_SAMPLER_SETTINGS if k in job.gen_kwargs))
             groups.setdefault(overrides, []).append(i)
         for overrides, members in groups.items():
-            settings = {**self.sampler, **dict(overrides)}
+            settings = replace(self.sampler, **dict(overrides))
             fills = [jobs[i].fill for i in members]
             texts, stats = [""] * len(members), [(0, 0, 0.0, 0)] * len(members)
             for stage in range(max(int(jobs[i].gen_kwargs.get("stages", 1)) for i in members)):
@@ -212,7 +198,7 @@ class DiffusionLM(LanguageModel):
             for m, i in enumerate(members):
                 n, nfe, latency, steps = stats[m]
                 out[i] = GenerationResult(text=texts[m], n_tokens=n, nfe=nfe, latency_s=latency,
-                                          extra={"sampler": settings["name"], "steps": steps})
+                                          extra={"sampler": settings.name, "steps": steps})
         return out  # type: ignore[return-value]
 
     def _next_stage(self, fills: list[FillRequest], jobs: list["_Job"], texts: list[str],
@@ -226,11 +212,16 @@ class DiffusionLM(LanguageModel):
             fills[m] = FillRequest(context, n_tokens, fills[m].suffix_ids, fills[m].key + ":stage")
         return fills
 
+    def fill(self, fills: Sequence[FillRequest], settings: SamplerSettings | None = None) -> list[GenerationResult]:
+        """Sample token-level canvases as they are (no EOS cut, no stop strings): what the
+        throughput bench times. ``settings``: the sampler settings to use (default the model's)."""
+        return self._sample(list(fills), [()] * len(fills), stop_at_eos=False, settings=settings)
+
     def _sample(self, fills: list[FillRequest], stops: list[Sequence[str]], stop_at_eos: bool,
-                settings: dict[str, Any] | None = None) -> list[GenerationResult]:
+                settings: SamplerSettings | None = None) -> list[GenerationResult]:
         settings = settings or self.sampler
-        sample = SAMPLERS[settings["name"]]
-        kwargs = {k: settings[k] for k in SAMPLER_SETTINGS if k in inspect.signature(sample).parameters}
+        sample = SAMPLERS[settings.name]
+        kwargs = {k: v for k, v in asdict(settings).items() if k in inspect.signature(sample).parameters}
         out: list[GenerationResult] = []
         eos = self.tokenizer.eos_token_id
         for start in range(0, len(fills), self.rows_per_call):
@@ -243,7 +234,7 @@ class DiffusionLM(LanguageModel):
                     tokens = tokens[:tokens.index(eos)]
                 text = truncate_at_stops(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
                 out.append(GenerationResult(text=text, n_tokens=len(tokens), nfe=result.nfe, latency_s=latency,
-                                            extra={"sampler": settings["name"], "steps": result.steps}))
+                                            extra={"sampler": settings.name, "steps": result.steps}))
         return out
 
 

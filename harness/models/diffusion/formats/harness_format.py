@@ -1,0 +1,27 @@
+"""The harness's own format: a Hugging Face causal-LM directory plus ``diffusion_config.json``
+(``format: dlm-harness``, ``version: 1``, ``kind``: shifted or unshifted, ``mask_token_id``,
+``base_model`` for the tokenizer)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import HarnessError
+from harness.models.diffusion.formats.common import (FORMATS, FullAttention, causal_lm, hf_max_length,
+                                                     load_tokenizer, read_json)
+
+
+@FORMATS.register("harness")
+def load_harness(path: Path, dtype: torch.dtype, tokenizer: str | None, config: Any) -> tuple:
+    spec = read_json(path / "diffusion_config.json")
+    if spec.get("format") != "dlm-harness" or spec.get("version") != 1:
+        raise HarnessError(f"'{path}/diffusion_config.json' is not a version-1 dlm-harness file "
+                           f"(format={spec.get('format')!r}, version={spec.get('version')!r})")
+    if spec.get("kind") not in ("shifted", "unshifted"):
+        raise HarnessError(f"'{path}/diffusion_config.json' kind must be shifted or unshifted, "
+                           f"not {spec.get('kind')!r}")
+    lm = causal_lm(path, "harness", dtype)
+    tok = load_tokenizer(tokenizer, path, spec.get("base_model"))
+    return FullAttention(lm), tok, spec.get("mask_token_id"), spec["kind"] == "shifted", hf_max_length(lm.config)

@@ -1,0 +1,175 @@
+"""Typed backend settings: every model argument has one default and one validation, here.
+
+``--model-args`` (and a card's ``defaults`` and a suite's ``model_args``) are parsed into these
+dataclasses before any weights are loaded, so a bad value is one line and exit code 2 and an
+unknown key lists the valid ones. The dataclasses are what the backends keep and what their
+fingerprints record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+from harness.errors import HarnessError
+
+
+def _choice(known: Callable[[], Any]) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        names = list(known())
+        if value not in names:
+            raise HarnessError(f"{name} must be one of {', '.join(map(str, names))}, not {value!r}")
+        return value
+    return check
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, *, optional: bool = False,
+            open_low: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None and optional:
+            return None
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and ok_type and float(value).is_integer():
+            value = int(value)
+        elif kind is int or not ok_type:
+            word = "an integer" if kind is int else "a number"
+            raise HarnessError(f"{name} must be {word}{' or none' if optional else ''}, not {value!r}")
+        value = kind(value)
+        if low is not None and (value < low or (open_low and value == low)) or high is not None and value > high:
+            bounds = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "") \
+                if low is not None else f"<= {high}"
+            raise HarnessError(f"{name} must be {bounds}, not {value!r}")
+        return value
+    return check
+
+
+def _text(name: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        raise HarnessError(f"{name} must be a string, not {value!r}")
+    return value
+
+
+def _methods():
+    from harness.models.diffusion.estimators import METHODS
+    return METHODS
+
+
+def _greedy_checks():
+    from harness.models.diffusion.estimators import GREEDY_CHECKS
+    return GREEDY_CHECKS
+
+
+def _samplers():
+    from harness.models.diffusion.samplers import SAMPLERS
+    return SAMPLERS
+
+
+def _remasking():
+    from harness.models.diffusion.samplers import REMASKING
+    return REMASKING
+
+
+def validated(instance: Any, checks: dict[str, Callable[[str, Any], Any]]) -> None:
+    """Check (and normalise) every field of a frozen dataclass instance in place."""
+    for f in fields(instance):
+        if f.name in checks:
+            object.__setattr__(instance, f.name, checks[f.name](f.name, getattr(instance, f.name)))
+
+
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """How a diffusion model scores log-likelihoods (``harness.models.diffusion.estimators``)."""
+
+    method: str = "mc_time"
+    samples: int = 32
+    eps: float = 1e-3
+    cfg_scale: float = 0.0
+    greedy: str = "parallel"
+
+    def __post_init__(self) -> None:
+        validated(self, {"method": _choice(_methods), "samples": _number(int, 1), "eps": _number(float, 0, 0.999999),
+                         "cfg_scale": _number(float, 0), "greedy": _choice(_greedy_checks)})
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How a diffusion model generates and infills (``harness.models.diffusion.samplers``)."""
+
+    name: str = "llada"
+    steps: int | None = None
+    block_length: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    threshold: float = 0.9
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        validated(self, {"name": _choice(_samplers), "steps": _number(int, 1, optional=True),
+                         "block_length": _number(int, 1, optional=True), "temperature": _number(float, 0),
+                         "top_p": _number(float, 0, 1, open_low=True), "threshold": _number(float, 0, 1),
+                         "remasking": _choice(_remasking), "cfg_scale": _number(float, 0)})
+
+
+START_TOKENS = ("bos", "none")
+LOAD_KEYS = ("format", "mask_id", "tokenizer", "config", "rope_cache_dtype")
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """Everything ``--model-args`` sets on a diffusion model."""
+
+    estimator: EstimatorSettings = field(default_factory=EstimatorSettings)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    start_token: str = "bos"  # bos: the tokenizer's BOS (else EOS) | none (DiffuGPT's GPT-2 contexts)
+    base_model: str | None = None
+    load: dict[str, Any] = field(default_factory=dict)  # checkpoint loading: LOAD_KEYS
+
+    def __post_init__(self) -> None:
+        validated(self, {"start_token": _choice(lambda: START_TOKENS), "base_model": _text})
+
+
+@dataclass(frozen=True)
+class ARSettings:
+    """Everything ``--model-args`` sets on an AR model."""
+
+    infill_mode: str = "prefix"  # prefix: the prefix alone | reorder: suffix, then prefix (lm-eval)
+    max_length: int | None = None  # None: the model config's context length
+
+    def __post_init__(self) -> None:
+        validated(self, {"infill_mode": _choice(lambda: ("prefix", "reorder")),
+                         "max_length": _number(int, 1, optional=True)})
+
+
+# model argument -> (part of DiffusionSettings, field); cfg_scale goes to both parts
+ESTIMATOR_ARGS = {"estimator": "method", "samples": "samples", "eps": "eps", "cfg_scale": "cfg_scale",
+                  "greedy": "greedy"}
+SAMPLER_ARGS = {"sampler": "name", "steps": "steps", "block_length": "block_length", "temperature": "temperature",
+                "top_p": "top_p", "threshold": "threshold", "remasking": "remasking", "cfg_scale": "cfg_scale"}
+DIFFUSION_ARGS = sorted({*ESTIMATOR_ARGS, *SAMPLER_ARGS, "start_token", "base_model", *LOAD_KEYS})
+AR_ARGS = sorted(f.name for f in fields(ARSettings))
+
+
+def _reject_unknown(args: dict[str, Any], valid: list[str], family: str) -> None:
+    unknown = sorted(set(args) - set(valid))
+    if unknown:
+        raise HarnessError(f"unknown model argument(s) {', '.join(unknown)} for {family} model "
+                           f"(valid: {', '.join(valid)})")
+
+
+def diffusion_settings(args: dict[str, Any]) -> DiffusionSettings:
+    """Parse model arguments into validated settings (a HarnessError names the bad key and value)."""
+    _reject_unknown(args, DIFFUSION_ARGS, "a diffusion")
+    return DiffusionSettings(
+        estimator=EstimatorSettings(**{f: args[a] for a, f in ESTIMATOR_ARGS.items() if a in args}),
+        sampler=SamplerSettings(**{f: args[a] for a, f in SAMPLER_ARGS.items() if a in args}),
+        start_token=args.get("start_token", "bos"), base_model=args.get("base_model"),
+        load={k: args[k] for k in LOAD_KEYS if k in args})
+
+
+def ar_settings(args: dict[str, Any]) -> ARSettings:
+    _reject_unknown(args, AR_ARGS, "an AR")
+    return ARSettings(**args)
+
+
+def settings_for(backend: str, args: dict[str, Any]) -> DiffusionSettings | ARSettings:
+    return diffusion_settings(args) if backend == "diffusion" else ar_settings(args)
