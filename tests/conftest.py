@@ -102,3 +102,54 @@ def tiny_dlm_dir(tmp_path_factory) -> Path:
         {"format": "dlm-harness", "version": 1, "kind": "shifted", "mask_token_id": tokenizer.mask_token_id,
          "base_model": "tiny"}))
     return path
+
+
+# ---- a tiny bidirectional denoiser for estimator and sampler tests ---------------------------
+TINY_VOCAB, TINY_MASK = 16, 15
+
+
+def tiny_denoiser():
+    """Two full-attention encoder layers over a 16-token vocabulary (mask id 15); padding is
+    excluded from the attention keys; logits are scaled by 3 so they are sharper than uniform."""
+    import torch
+
+    class TinyDenoiser(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(TINY_VOCAB, 32)
+            self.position = torch.nn.Embedding(64, 32)
+            layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+            self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(32, TINY_VOCAB)
+            self.eval()
+
+        @torch.no_grad()
+        def forward(self, input_ids, attention_mask):
+            hidden = self.embed(input_ids) + self.position(torch.arange(input_ids.shape[1]))
+            hidden = self.encoder(hidden, src_key_padding_mask=attention_mask == 0)
+            return 3 * self.head(hidden)
+
+    return TinyDenoiser()
+
+
+class Spy:
+    """Counts calls and keeps every batch the denoiser received."""
+
+    def __init__(self, denoise) -> None:
+        self.denoise, self.batches = denoise, []
+
+    def __call__(self, input_ids, attention_mask):
+        self.batches.append((input_ids.clone(), attention_mask.clone()))
+        return self.denoise(input_ids, attention_mask)
+
+
+@pytest.fixture(scope="module")
+def tiny_denoiser_model():
+    """The tiny denoiser, run on one thread: thread hand-offs dominate on a busy small machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_denoiser()
+    torch.set_num_threads(threads)

@@ -3,67 +3,30 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterator
-
 import pytest
 import torch
 
 from harness.errors import HarnessError
 from harness.models.diffusion.estimators import LikelihoodRequest, estimate
 
-VOCAB, MASK = 16, 15
-
-
-class TinyDenoiser(torch.nn.Module):
-    """Two full-attention encoder layers; padding is excluded from the attention keys."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Embedding(VOCAB, 32)
-        self.position = torch.nn.Embedding(64, 32)
-        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = torch.nn.Linear(32, VOCAB)
-        self.eval()
-
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(input_ids) + self.position(torch.arange(input_ids.shape[1]))
-        hidden = self.encoder(hidden, src_key_padding_mask=attention_mask == 0)
-        return 3 * self.head(hidden)  # sharper than uniform, so estimators have something to see
-
-
-class Spy:
-    """Counts calls and keeps every batch the denoiser received."""
-
-    def __init__(self, denoise: TinyDenoiser) -> None:
-        self.denoise, self.batches = denoise, []
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self.batches.append((input_ids.clone(), attention_mask.clone()))
-        return self.denoise(input_ids, attention_mask)
+from conftest import TINY_MASK as MASK, Spy
 
 
 @pytest.fixture(scope="module")
-def model() -> Iterator[TinyDenoiser]:
-    """The tiny model, run on one thread: thread hand-offs dominate on a busy small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield TinyDenoiser()
-    torch.set_num_threads(threads)
+def model(tiny_denoiser_model):
+    return tiny_denoiser_model
 
 
 CONTEXT, CONTINUATION = [3, 1, 4, 1, 5], [9, 2, 6, 5]
 
 
-def token_logprobs(model: TinyDenoiser, context: list[int], continuation: list[int], masked: set[int]) -> torch.Tensor:
+def token_logprobs(model, context: list[int], continuation: list[int], masked: set[int]) -> torch.Tensor:
     ids = context + [MASK if i in masked else tok for i, tok in enumerate(continuation)]
     logits = model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0, len(context) :]
     return logits.double().log_softmax(-1).gather(1, torch.tensor(continuation)[:, None]).squeeze(1)
 
 
-def exact_elbo(model: TinyDenoiser, context: list[int], continuation: list[int]) -> float:
+def exact_elbo(model, context: list[int], continuation: list[int]) -> float:
     """E = sum_k (1/k) mean over |S| = k of sum_{i in S} log p(x_i | x with S masked)."""
     length, total = len(continuation), 0.0
     for k in range(1, length + 1):

@@ -1,8 +1,6 @@
 """Masked-diffusion samplers, on a tiny random bidirectional denoiser."""
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 
@@ -14,47 +12,12 @@ from harness.models.diffusion.samplers import (
     threshold_sample,
 )
 
-VOCAB, MASK = 16, 15
-
-
-class TinyDenoiser(torch.nn.Module):
-    """Two full-attention encoder layers; padding is excluded from the attention keys."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Embedding(VOCAB, 32)
-        self.position = torch.nn.Embedding(64, 32)
-        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = torch.nn.Linear(32, VOCAB)
-        self.eval()
-
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(input_ids) + self.position(torch.arange(input_ids.shape[1]))
-        hidden = self.encoder(hidden, src_key_padding_mask=attention_mask == 0)
-        return 3 * self.head(hidden)
-
-
-class Spy:
-    """Counts calls and keeps every batch the denoiser received."""
-
-    def __init__(self, denoise: TinyDenoiser) -> None:
-        self.denoise, self.batches = denoise, []
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self.batches.append((input_ids.clone(), attention_mask.clone()))
-        return self.denoise(input_ids, attention_mask)
+from conftest import TINY_MASK as MASK, Spy
 
 
 @pytest.fixture(scope="module")
-def model() -> Iterator[TinyDenoiser]:
-    """The tiny model, run on one thread: thread hand-offs dominate on a busy small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield TinyDenoiser()
-    torch.set_num_threads(threads)
+def model(tiny_denoiser_model):
+    return tiny_denoiser_model
 
 
 REQUESTS = [

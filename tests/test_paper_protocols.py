@@ -16,15 +16,13 @@ import torch
 from harness.models.diffusion.estimators import LikelihoodRequest, estimate, sequential_greedy
 from harness.models.diffusion.samplers import FillRequest, diffugpt_sample
 
-from test_diffusion_estimators import CONTEXT, MASK, VOCAB, TinyDenoiser, token_logprobs
+from conftest import TINY_MASK as MASK, TINY_VOCAB as VOCAB
+from test_diffusion_estimators import CONTEXT, token_logprobs
 
 
 @pytest.fixture(scope="module")
-def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield TinyDenoiser()
-    torch.set_num_threads(threads)
+def model(tiny_denoiser_model):
+    return tiny_denoiser_model
 
 
 def grid_expectation(model, context, continuation, steps):
