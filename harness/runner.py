@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from harness import distributed
 from harness.catalog import catalog
 from harness.env import environment
-from harness.errors import HarnessError
+from harness.plan import RunConfig, RunPlan, plan_run
 from harness.models.base import (GenerateRequest, InfillRequest, LanguageModel, LoglikelihoodRequest,
                                  RollingRequest)
 from harness.scoring.metrics import aggregate
@@ -29,90 +28,41 @@ from harness.tasks.base import Task
 CHUNK_DOCS = int(os.environ.get("HARNESS_CHUNK_DOCS", 64))
 
 
-@dataclass
-class RunConfig:
-    model: str
-    tasks: list[str]
-    suite: str | None = None
-    limit: int | None = None
-    seed: int = 1234
-    batch_size: int | str = 16
-    device: str = "cpu"
-    dtype: str | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
-    task_options: dict[str, Any] = field(default_factory=dict)
-    data_dir: Path | None = None
-    output: Path = Path("runs")
-
-    def identity(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
-        stable = {k: v for k, v in fingerprint.items() if k not in ("batch_size",)}
-        return {"model": self.model, "fingerprint": stable, "tasks": self.tasks, "limit": self.limit,
-                "seed": self.seed, "model_args": self.model_args, "task_options": self.task_options}
-
-
-def check_output_dir(output: Path) -> None:
-    if output.exists() and not output.is_dir():
-        raise HarnessError(f"output path '{output}' is a file, not a directory")
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(text).name or text)[:40]
 
 
-def model_family(name: str, model: LanguageModel | None = None) -> str:
-    """``diffusion`` or ``ar``: which of a suite's per-family settings apply."""
-    if model is not None:
-        return "diffusion" if model.is_diffusion else "ar"
-    from harness.models.factory import resolve_card
+def evaluate(config: RunConfig | RunPlan, model: LanguageModel | None = None, progress=None) -> dict[str, Any]:
+    """Run (or resume) an evaluation and return the results.json payload (rank 0) or {}.
 
-    return "diffusion" if resolve_card(name).backend == "diffusion" else "ar"
-
-
-def with_suite_options(config: RunConfig, family: str) -> RunConfig:
-    """Fold the suite's per-task options for this model family under the command's own, so they are
-    part of the run's identity."""
-    suite = catalog().suites.get(config.suite) if config.suite else None
-    if suite is None:
-        return config
-    merged = {name: {**suite.task_options(name, family), **config.task_options.get(name, {})}
-              for name in suite.options if name in config.tasks}
-    merged = {name: options for name, options in merged.items() if options}
-    return replace(config, task_options={**config.task_options, **merged}) if merged else config
-
-
-def evaluate(config: RunConfig, model: LanguageModel | None = None, progress=None) -> dict[str, Any]:
-    """Run (or resume) an evaluation and return the results.json payload (rank 0) or {}."""
-    if config.limit is not None and config.limit < 1:
-        raise HarnessError(f"--limit must be a positive integer, got {config.limit}")
-    check_output_dir(config.output)
-    # an unknown model name fails here, before any data is read
-    config = with_suite_options(config, model_family(config.model, model))
+    ``config`` is planned here unless it is a plan already; ``model``: a backend built by the
+    caller (the bench's), used as it is."""
+    plan = config if isinstance(config, RunPlan) else plan_run(config)
     rank, size = distributed.init()
-    tasks = [catalog().task(name, config.data_dir, config.task_options.get(name)) for name in config.tasks]
+    tasks = [catalog().task(name, plan.data_dir, plan.task_options.get(name)) for name in plan.tasks]
     for task in tasks:
         task.docs()  # fail on missing data before loading any weights
     if model is None:
         from harness.models.factory import build_model
 
-        model = build_model(config.model, device=distributed.device_for_rank(config.device), dtype=config.dtype,
-                            batch_size=config.batch_size, model_args=config.model_args)
-    model.seed = config.seed
+        model = build_model(plan.card, device=distributed.device_for_rank(plan.device), dtype=plan.dtype,
+                            batch_size=plan.batch_size, settings=plan.settings)
+    model.seed = plan.seed
     fingerprint = model.fingerprint
-    run_id = f"{slug(config.model)}-{stable_hash(config.identity(fingerprint))[:12]}"
-    output_dir = config.output / run_id
-    store = Store(default_store_path(config.output))
+    run_id = f"{slug(plan.model)}-{stable_hash(plan.identity(fingerprint))[:12]}"
+    output_dir = plan.output / run_id
+    store = Store(default_store_path(plan.output))
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-        store.start_run(run_id, model=config.model, config=settings, fingerprint=fingerprint,
+        store.start_run(run_id, model=plan.model, config=plan.recorded(), fingerprint=fingerprint,
                         env={**environment(), "world_size": size, "batch_size": fingerprint.get("batch_size")},
                         output_dir=str(output_dir))
     distributed.barrier()
-    reused = {task.name: score_task(task, model, store, run_id, config.limit, rank, size, progress)
+    reused = {task.name: score_task(task, model, store, run_id, plan.limit, rank, size, progress)
               for task in tasks}
     if rank != 0:
         return {}
-    results = finalize(store, run_id, tasks, config, fingerprint, output_dir)
+    results = finalize(store, run_id, tasks, plan, fingerprint, output_dir)
     results["harness"]["reused_records"] = reused
     store.finish_run(run_id)
     return results
@@ -163,21 +113,27 @@ def answer(task: Task, model: LanguageModel, docs: list[dict[str, Any]]) -> list
 
 def finalize(store: Store, run_id: str, tasks: list[Task], config: RunConfig, fingerprint: dict,
              output_dir: Path) -> dict[str, Any]:
-    """Aggregate the stored records and write results.json and samples_<task>.jsonl."""
+    """Aggregate the stored records by the tasks' metric specs, store the aggregates with the specs,
+    and write results.json (lm-eval's ``higher_is_better``, the full specs under ``harness``) and
+    samples_<task>.jsonl."""
     payload: dict[str, Any] = {"results": {}, "configs": {}, "versions": {}, "n-samples": {},
                                "higher_is_better": {}, "task_hashes": {}}
+    specs: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:
         records = store.records(run_id, task.name)
         docs = task.docs()[:config.limit] if config.limit else task.docs()
         metrics = aggregate([m for _, m, _ in records], task.metrics)
         prompt_hash = stable_hash([r["prompt_hash"] for _, _, r in records])
+        specs[task.name] = task.metrics.to_list()
         store.set_task_result(run_id, task.name, task_hash=task.task_hash(), prompt_hash=prompt_hash,
-                              n=len(records), metrics=metrics, settings=task.settings())
+                              n=len(records), metrics=metrics, settings=task.settings(), specs=specs[task.name],
+                              output_type=task.output_type)
         payload["results"][task.name] = {"alias": task.name, **lm_eval_keys(metrics)}
-        payload["configs"][task.name] = {**task.settings(), "task_hash": task.task_hash()}
+        payload["configs"][task.name] = {**task.settings(), "task_hash": task.task_hash(),
+                                         "output_type": task.output_type}
         payload["versions"][task.name] = task.version
         payload["n-samples"][task.name] = {"original": len(task.docs()), "effective": len(docs)}
-        payload["higher_is_better"][task.name] = task.higher_is_better
+        payload["higher_is_better"][task.name] = task.metrics.higher_is_better
         payload["task_hashes"][task.name] = prompt_hash
         write_jsonl_atomic(output_dir / f"samples_{task.name}.jsonl", [r for _, _, r in records])
     run = store.run(run_id)
@@ -186,7 +142,7 @@ def finalize(store: Store, run_id: str, tasks: list[Task], config: RunConfig, fi
                    "device": config.device, "dtype": fingerprint.get("dtype"), "limit": config.limit,
                    "random_seed": config.seed, "model_fingerprint": fingerprint},
         "git_hash": run["env"].get("git_sha"), "date": time.time(),
-        "harness": {"run_id": run_id, "store": str(store.path), "env": run["env"]},
+        "harness": {"run_id": run_id, "store": str(store.path), "env": run["env"], "metric_specs": specs},
     })
     write_json_atomic(output_dir / "results.json", payload)
     return payload

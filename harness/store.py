@@ -3,6 +3,11 @@
 Records are written per batch of documents in one transaction, so a run killed at any point
 keeps everything it finished and a restart with the same command recomputes nothing stored.
 WAL mode and a busy timeout let several runs write to one store at once.
+
+Schema versions (``PRAGMA user_version``): 1 (or 0, unset) is the original schema; 2 adds each task
+result's metric specs and output type (``task_results.metric_specs``, ``task_results.output_type``).
+Opening an older store adds the columns, NULL for the results already stored; readers get
+``specs=None`` and ``output_type=None`` for those and decide their own fallback.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ CREATE TABLE IF NOT EXISTS task_results (
     n INTEGER NOT NULL,
     metrics TEXT NOT NULL,                -- JSON: {metric: value, metric_stderr: value}
     settings TEXT NOT NULL,               -- JSON
+    metric_specs TEXT,                    -- JSON: [Metric spec as a dict] (schema 2; NULL in older stores)
+    output_type TEXT,                     -- the task's output type (schema 2; NULL in older stores)
     PRIMARY KEY (run_id, task)
 );
 CREATE TABLE IF NOT EXISTS records (
@@ -54,6 +61,9 @@ CREATE TABLE IF NOT EXISTS measurements (
     PRIMARY KEY (run_id, seq)
 );
 """
+SCHEMA_VERSION = 2
+# columns added since schema 1: (table, column, declaration)
+MIGRATIONS = (("task_results", "metric_specs", "TEXT"), ("task_results", "output_type", "TEXT"))
 
 
 def default_store_path(output_dir: Path) -> Path:
@@ -74,8 +84,22 @@ class Store:
             self.db.execute("PRAGMA busy_timeout=60000")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            self.migrate()
         except sqlite3.DatabaseError as exc:
             raise HarnessError(f"'{self.path}' is not a harness store ({exc})") from exc
+
+    def columns(self, table: str) -> set[str]:
+        return {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+
+    def migrate(self) -> None:
+        """Bring an older store up to ``SCHEMA_VERSION`` in place; the rows already stored are kept."""
+        if self.db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        with self.transaction() as db:  # re-checked under the write lock: another process may have migrated
+            for table, column, declaration in MIGRATIONS:
+                if column not in self.columns(table):
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -151,16 +175,22 @@ class Store:
         return [(d, json.loads(m), json.loads(r)) for d, m, r in rows]
 
     def set_task_result(self, run_id: str, task: str, *, task_hash: str, prompt_hash: str, n: int,
-                        metrics: dict, settings: dict) -> None:
+                        metrics: dict, settings: dict, specs: list[dict], output_type: str) -> None:
+        """Store a task's aggregate; ``specs`` are its metric specs (``Metrics.to_list()``)."""
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO task_results VALUES (?,?,?,?,?,?,?)",
-                       (run_id, task, task_hash, prompt_hash, n, json.dumps(metrics), json.dumps(settings)))
+            db.execute("INSERT OR REPLACE INTO task_results (run_id, task, task_hash, prompt_hash, n, metrics, "
+                       "settings, metric_specs, output_type) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (run_id, task, task_hash, prompt_hash, n, json.dumps(metrics), json.dumps(settings),
+                        json.dumps(specs), output_type))
 
     def task_results(self, run_id: str) -> dict[str, dict[str, Any]]:
-        rows = self.db.execute("SELECT task, task_hash, prompt_hash, n, metrics, settings FROM task_results "
-                               "WHERE run_id=? ORDER BY task", (run_id,))
-        return {t: {"task_hash": th, "prompt_hash": ph, "n": n, "metrics": json.loads(m),
-                    "settings": json.loads(s)} for t, th, ph, n, m, s in rows}
+        """{task: {task_hash, prompt_hash, n, metrics, settings, specs, output_type}}; ``specs`` and
+        ``output_type`` are None for results stored before schema 2."""
+        rows = self.db.execute("SELECT task, task_hash, prompt_hash, n, metrics, settings, metric_specs, output_type "
+                               "FROM task_results WHERE run_id=? ORDER BY task", (run_id,))
+        return {t: {"task_hash": th, "prompt_hash": ph, "n": n, "metrics": json.loads(m), "settings": json.loads(s),
+                    "specs": None if specs is None else json.loads(specs), "output_type": kind}
+                for t, th, ph, n, m, s, specs, kind in rows}
 
     # ---- throughput measurements ------------------------------------------------------------
     def add_measurement(self, run_id: str, record: dict) -> None:

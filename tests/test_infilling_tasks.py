@@ -155,25 +155,29 @@ def test_end_to_end_infilling_run(model_fixture, model_args, mode_key, mode, req
     assert "status" in samples(results, tmp_path, "humaneval_infill_single")[0]
 
 
-def test_suite_options_reach_the_tasks_and_the_run_identity():
-    from harness.runner import with_suite_options
+def test_suite_options_reach_the_tasks_and_the_run_identity(tiny_llama_dir):
+    from harness.plan import plan_run
 
-    config = RunConfig(model="m", tasks=["rocstories_infill", "humaneval"], suite="infilling",
+    config = RunConfig(model=str(tiny_llama_dir), tasks=["rocstories_infill", "humaneval"], suite="infilling",
                        task_options={"humaneval": {"allow_code_exec": True}})
-    merged = with_suite_options(config, "ar")
-    assert merged.task_options == {"humaneval": {"max_tokens": 256, "allow_code_exec": True}}
-    assert merged.identity({}) != config.identity({})
-    override = RunConfig(model="m", tasks=["humaneval"], suite="infilling",
+    plan = plan_run(config)
+    assert plan.task_options == {"humaneval": {"max_tokens": 256, "allow_code_exec": True}}
+    bare = plan_run(RunConfig(model=str(tiny_llama_dir), tasks=["rocstories_infill", "humaneval"],
+                              task_options={"humaneval": {"allow_code_exec": True}}))
+    assert plan.identity({}) != bare.identity({})
+    override = RunConfig(model=str(tiny_llama_dir), tasks=["humaneval"], suite="infilling",
                          task_options={"humaneval": {"max_tokens": 64}})
-    assert with_suite_options(override, "ar").task_options == {"humaneval": {"max_tokens": 64}}
-    plain = RunConfig(model="m", tasks=["humaneval"])
-    assert with_suite_options(plain, "ar") is plain
+    assert plan_run(override).task_options["humaneval"] == {"max_tokens": 64}
+    assert plan_run(RunConfig(model=str(tiny_llama_dir), tasks=["humaneval"])).task_options == {}
 
 
-def test_suite_options_by_model_family():
-    from harness.runner import with_suite_options
+def test_suite_options_by_model_family(tiny_llama_dir, tiny_dlm_dir):
+    from harness.plan import plan_run
 
-    config = RunConfig(model="m", tasks=["piqa_diffugpt", "rocstories_infill_diffugpt"], suite="diffugpt-table1")
-    assert with_suite_options(config, "ar").task_options == {"piqa_diffugpt": {"script": "eval-llm"},
-                                                            "rocstories_infill_diffugpt": {"length": "chars"}}
-    assert with_suite_options(config, "diffusion") is config  # the family keys hold AR options only
+    tasks = ["piqa_diffugpt", "rocstories_infill_diffugpt"]
+    ar = plan_run(RunConfig(model=str(tiny_llama_dir), tasks=tasks, suite="diffugpt-table1"))
+    dlm = plan_run(RunConfig(model=str(tiny_dlm_dir), tasks=tasks, suite="diffugpt-table1"))
+    assert ar.task_options["piqa_diffugpt"] == {"script": "eval-llm"}
+    assert ar.task_options["rocstories_infill_diffugpt"] == {"length": "chars"}
+    assert "piqa_diffugpt" not in dlm.task_options  # the family keys hold AR options only
+    assert dlm.settings.estimator.method == "paper_grid" and dlm.settings.sampler.temperature == 1.0

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from harness.errors import HarnessError
-from harness.report.collect import (collect_cells, collect_measurements, hardware_tables, leaderboards,
-                                    measurement_tables, select_runs)
+from harness.report.collect import collect_cells, collect_measurements, select_runs
 from harness.report.commands import build_sections, compare, leaderboard, report
 from harness.report.compare import dlm_vs_ar, paired
+from harness.report.hardware import hardware_tables, measurement_tables
 from harness.report.reference import known_parents, load_papers, references, reproduction
+from harness.report.tables import leaderboards
+from harness.scoring.metric import fraction_metrics
 from harness.scoring.metrics import aggregate
 from harness.store import Store
 from harness.hashing import stable_hash
@@ -53,10 +55,12 @@ def add_eval_run(store, model, fingerprint, *, tasks=("piqa", "hellaswag"), suit
                           {"doc_id": doc_id, "arguments": arguments, "prompt_hash": stable_hash(arguments)}))
         store.add_records(run_id, task, items)
         records = store.records(run_id, task)
+        specs = fraction_metrics("acc", "acc_norm")  # as the multiple-choice tasks declare them
         store.set_task_result(run_id, task, task_hash=stable_hash([task, "v1"]),
                               prompt_hash=stable_hash([r["prompt_hash"] for _, _, r in records]), n=len(records),
-                              metrics=aggregate([m for _, m, _ in records], {"acc": "mean", "acc_norm": "mean"}),
-                              settings={"task": task, "version": 1, "options": {}})
+                              metrics=aggregate([m for _, m, _ in records], specs),
+                              settings={"task": task, "version": 1, "options": {}}, specs=specs.to_list(),
+                              output_type="multiple_choice")
     store.finish_run(run_id)
     return run_id
 

@@ -44,6 +44,16 @@ def test_run_writes_store_results_and_samples(tiny_llama_dir, data_dir, tmp_path
     assert {"packages", "git_sha", "hardware"} <= set(run["env"])
     assert run["env"]["packages"]["torch"] and run["config"]["seed"] == 1234
     assert set(store.task_results(run_id)) == set(TASKS)
+    # the metric specs: lm-eval's higher_is_better, the full specs in results.json and in the store
+    specs = [{"name": "acc", "aggregation": "mean", "higher_is_better": True, "unit": "fraction", "primary": True},
+             {"name": "acc_norm", "aggregation": "mean", "higher_is_better": True, "unit": "fraction",
+              "primary": False}]
+    for task in TASKS:
+        assert saved["higher_is_better"][task] == {"acc": True, "acc_norm": True}
+        assert saved["harness"]["metric_specs"][task] == specs
+        assert saved["configs"][task]["output_type"] == "multiple_choice"
+        stored = store.task_results(run_id)[task]
+        assert stored["specs"] == specs and stored["output_type"] == "multiple_choice"
 
 
 def test_same_command_resumes_without_recomputing(tiny_llama_dir, data_dir, tmp_path):

@@ -1,28 +1,28 @@
 """Read the store into plain tables: one ``Cell`` per (run, task, metric), one flat dict per measurement.
 
-Every cell carries what produced it (task and prompt hash, scoring method, dtype, seed, versions),
-so that views can keep numbers produced differently apart.
+Every cell carries what produced it (task and prompt hash, scoring method, dtype, seed, versions)
+and its metric's spec (unit, direction, primary), so that views keep numbers produced differently
+apart and show each in its own unit. Everything is read through ``Store`` methods; the specs of
+results from an older store fall back as ``harness.report.specs`` says. The tables built from
+these live in ``harness.report.tables`` and ``harness.report.hardware``.
 """
 from __future__ import annotations
 
-import json
 import math
-import string
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.report import Footnotes, Link, Table
-from harness.store import Store
 from harness.hashing import stable_hash
+from harness.report.format import DASH
+from harness.report.specs import metric_spec, result_output_type, result_specs
+from harness.scoring.metric import Metric
+from harness.store import Store
 
-# metrics not shown x100: not fractions, or (ROUGE) already x100
-NOT_PERCENT = ("perplexity", "ppl", "nll", "bpb", "bits", "loss", "latency", "tokens", "length", "nfe", "rouge")
-LOWER_IS_BETTER = ("perplexity", "ppl", "nll", "bpb", "bits", "loss", "latency")
-REQUEST_KINDS = {"continuation": "loglikelihood", "max_tokens": "generate", "suffix": "infill", "text": "rolling"}
+# what a task's output type asks of the model, as the scoring phrase knows it
+REQUEST_KINDS = {"loglikelihood": "loglikelihood", "multiple_choice": "loglikelihood",
+                 "loglikelihood_rolling": "rolling", "generate_until": "generate", "infill": "infill"}
 VERSION_PACKAGES = ("dlm-harness", "torch", "transformers")
-DASH = "–"
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Cell:
     dtype: str
     seed: Any
     suite: str
+    spec: Metric  # the metric's unit, direction and whether it is the task's primary one
     options: dict[str, Any] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)  # the backend's settings (estimator, sampler, ...)
     parent: str | None = None  # the AR model a DLM was adapted from, where the run says so
@@ -58,8 +59,8 @@ class Cell:
         return int(next((self.options[k] for k in ("num_fewshot", "n_shot", "fewshot") if k in self.options), 0))
 
     @property
-    def higher_is_better(self) -> bool:
-        return not self.metric.startswith(LOWER_IS_BETTER)
+    def higher_is_better(self) -> bool | None:
+        return self.spec.higher_is_better
 
 
 # ---- runs ------------------------------------------------------------------------------------
@@ -91,8 +92,9 @@ def versions(run: dict[str, Any]) -> str:
     return ", ".join(parts + ([f"git {sha[:8]}{'-dirty' if sha.endswith('-dirty') else ''}"] if sha else []))
 
 
-def scoring(run: dict[str, Any], kind: str | None) -> str:
-    """One phrase for how a run scored one kind of request."""
+def scoring(run: dict[str, Any], output_type: str | None) -> str:
+    """One phrase for how a run scored a task of one output type (None: unknown, an old store)."""
+    kind = REQUEST_KINDS.get(output_type or "")
     fp = run["model_fingerprint"]
     if family(run) == "AR":
         if kind in ("generate", "infill"):
@@ -110,13 +112,6 @@ def scoring(run: dict[str, Any], kind: str | None) -> str:
             "infill": sampler}.get(kind or "", f"{estimator}; {sampler}")
 
 
-def request_kind(store: Store, run_id: str, task: str) -> str | None:
-    row = store.db.execute("SELECT record FROM records WHERE run_id=? AND task=? LIMIT 1", (run_id, task)).fetchone()
-    arguments = json.loads(row[0]).get("arguments") or [] if row else []
-    keys = set(arguments[0]) if arguments and isinstance(arguments[0], dict) else set()
-    return next((kind for key, kind in REQUEST_KINDS.items() if key in keys), None)
-
-
 def collect_cells(store: Store, runs: list[dict[str, Any]]) -> list[Cell]:
     cells = []
     for run in runs:
@@ -128,141 +123,20 @@ def collect_cells(store: Store, runs: list[dict[str, Any]]) -> list[Cell]:
         order = list(run["config"].get("tasks") or [])
         results = store.task_results(run["run_id"])
         for task, result in sorted(results.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
-            how = scoring(run, request_kind(store, run["run_id"], task))
+            how = scoring(run, result_output_type(task, result))
             options = (result["settings"] or {}).get("options") or {}
-            for metric, value in result["metrics"].items():
-                if metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            specs = result_specs(task, result)
+            for metric, spec in specs.items():
+                value, stderr = result["metrics"].get(metric), result["metrics"].get(f"{metric}_stderr")
+                if not isinstance(value, (int, float)):
                     continue
-                stderr = result["metrics"].get(f"{metric}_stderr")
                 cells.append(Cell(
                     run["run_id"], model_name(run), family(run), task, metric, float(value),
                     None if stderr is None or math.isnan(stderr) else float(stderr), result["n"],
                     result["task_hash"], result["prompt_hash"], how, key, fp.get("dtype") or "?",
-                    run["config"].get("seed"), run["config"].get("suite") or "", options,
-                    fp, parent, names, versions(run),
-                    run["status"] == "complete"))
+                    run["config"].get("seed"), run["config"].get("suite") or "", spec, options,
+                    fp, parent, names, versions(run), run["status"] == "complete"))
     return cells
-
-
-# ---- formatting ------------------------------------------------------------------------------
-def percent(metric: str) -> bool:
-    """Fractions are shown (and compared with papers) in %; perplexities and the like are not."""
-    return not metric.lower().startswith(NOT_PERCENT)
-
-
-def fmt(value: float | None, stderr: float | None = None, scale: float = 1.0, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return DASH
-    text = f"{value * scale:.{digits}f}"
-    return text if stderr is None else f"{text} ± {stderr * scale:.{digits}f}"
-
-
-SHOWN_OPTIONS = ("num_fewshot", "n_shot", "fewshot", "length", "oracle_slack", "script", "leading_space",
-                 "diffusion_steps", "max_input_tokens", "timeout_s", "allow_code_exec")
-
-
-def column_settings(cells: list[Cell]) -> str:
-    """metric, n, n-shot and length protocol of one column."""
-    first = cells[0]
-    ns = sorted({c.n for c in cells})
-    length = first.options.get("length")
-    if length == "oracle" and first.options.get("oracle_slack"):
-        length = f"oracle+{first.options['oracle_slack']}"
-    return " · ".join([first.metric + (" (%)" if percent(first.metric) else ""), "n=" + "/".join(map(str, ns)),
-                       f"{first.n_shot}-shot"] + ([f"length {length}"] if length else []))
-
-
-def options_line(label: str, cells: list[Cell]) -> str | None:
-    """The column's other task options, for the table's settings list."""
-    extra = [f"{k}={option(v)}" for k, v in sorted(cells[0].options.items()) if v is not None and k not in SHOWN_OPTIONS]
-    return f"{label} options: {', '.join(extra)}" if extra else None
-
-
-def option(value: Any, width: int = 32) -> str:
-    """A task option on one short line: strings and lists as JSON, cut to ``width`` characters."""
-    text = str(value) if isinstance(value, (int, float)) else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def primary(cells: list[Cell]) -> list[Cell]:
-    """Each (run, task)'s first metric, the one shown in leaderboards."""
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for cell in cells:
-        if (cell.run_id, cell.task) not in seen:
-            seen.add((cell.run_id, cell.task))
-            out.append(cell)
-    return out
-
-
-def variant_labels(cells: list[Cell]) -> dict[tuple, str]:
-    """Column labels: the task name, plus (a), (b), ... where one task was produced in several ways."""
-    variants = list(dict.fromkeys(c.variant for c in cells))
-    labels = {}
-    for variant in variants:
-        same = [v for v in variants if v[0] == variant[0]]
-        index = same.index(variant)
-        labels[variant] = variant[0] if len(same) == 1 else \
-            f"{variant[0]} ({string.ascii_lowercase[index] if index < 26 else index + 1})"
-    return labels
-
-
-# ---- views ---------------------------------------------------------------------------------
-def leaderboards(cells: list[Cell]) -> list[Table]:
-    """One models x tasks table per suite; value ± stderr of each task's first metric."""
-    tables = []
-    for suite in dict.fromkeys(c.suite for c in cells):
-        tables.append(leaderboard(primary([c for c in cells if c.suite == suite]),
-                                  f"Suite {suite}" if suite else "Runs without a suite"))
-    return tables
-
-
-def leaderboard(cells: list[Cell], title: str) -> Table:
-    labels = variant_labels(cells)
-    notes = Footnotes()
-    rows: dict[str, dict[tuple, Cell]] = {}
-    for cell in cells:  # oldest first, so a newer run of the same configuration replaces it
-        previous = rows.setdefault(cell.config_key, {}).get(cell.variant)
-        if previous is not None:
-            notes.ref(f"{cell.model} {labels[cell.variant]}: run {cell.run_id} replaces the older "
-                      f"identical configuration {previous.run_id}")
-        rows[cell.config_key][cell.variant] = cell
-    body = []
-    for by_variant in rows.values():
-        some = next(iter(by_variant.values()))
-        how = "; ".join(dict.fromkeys(c.scoring for c in by_variant.values()))
-        name = some.model + ("" if all(c.complete for c in by_variant.values()) else
-                             " " + notes.ref("run incomplete: fewer documents than planned"))
-        body.append([name, some.family, how, some.dtype, str(some.seed)] + [
-            fmt(c.value, c.stderr, 100 if percent(c.metric) else 1) if (c := by_variant.get(v)) else DASH
-            for v in labels])
-    by_column = {v: [c for c in cells if c.variant == v] for v in labels}
-    settings = ["value ± standard error; how each row scored (likelihood estimator, sampler) in its Scoring cell",
-                f"versions: {'; '.join(sorted({c.versions for c in cells}))}"]
-    settings += [f"{labels[v]}: task hash {v[1][:8]}, prompt hash {v[2][:8]}" for v in labels if labels[v] != v[0]]
-    settings += [line for v in labels if (line := options_line(labels[v], by_column[v]))]
-    return Table(title, ["Model", "Family", "Scoring", "dtype", "Seed", *labels.values()], body,
-                 settings=settings,
-                 subheader=["", "", "", "", ""] + [column_settings(by_column[v]) for v in labels],
-                 notes=notes.listing())
-
-
-def results_table(cells: list[Cell]) -> Table:
-    """Every (run, task, metric) with its provenance: the long form behind the leaderboards."""
-    rows = [[c.run_id, c.model, c.task, c.metric, fmt(c.value, None, 1, 4), fmt(c.stderr, None, 1, 4), str(c.n),
-             c.scoring, c.task_hash[:8], c.prompt_hash[:8]] for c in cells]
-    return Table("Every (run, task, metric)", ["Run", "Model", "Task", "Metric", "Value", "Stderr", "n", "Scoring", "Task hash",
-                                 "Prompt hash"], rows, settings=["raw values (fractions, not %)"])
-
-
-def runs_table(runs: list[dict[str, Any]], link: bool = False) -> Table:
-    rows = []
-    for run in runs:
-        hw = hardware_label(run["env"].get("hardware") or {})
-        run_id = Link(run["run_id"], f"runs/{run['run_id']}.html") if link else run["run_id"]
-        rows.append([run_id, model_name(run), run["kind"], run["status"],
-                     datetime.fromtimestamp(run["created_at"]).strftime("%Y-%m-%d %H:%M"), hw, versions(run)])
-    return Table("Runs reported", ["Run", "Model", "Kind", "Status", "Created", "Hardware", "Versions"], rows)
 
 
 # ---- throughput measurements ------------------------------------------------------------------
@@ -279,12 +153,22 @@ def setting_label(setting: dict[str, Any]) -> str:
     return " · ".join(parts + [f"{k} {v}" for k, v in sorted(setting.items()) if k not in dict(known)]) or "default"
 
 
+def quality_of(store: Store, quality: Any) -> dict[str, Any] | None:
+    """A measurement's ``quality`` dict with its metric's ``spec``: the one stored with the quality
+    task's result in the eval run it names (``run_id``), else the fallback of ``harness.report.specs``."""
+    if not isinstance(quality, dict):
+        return None
+    task, metric = str(quality.get("task", "?")), str(quality.get("metric", "quality"))
+    result = store.task_results(quality["run_id"]).get(task) if quality.get("run_id") else None
+    return {**quality, "spec": metric_spec(task, metric, result)}
+
+
 def collect_measurements(store: Store, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat dict per throughput measurement, with canonical keys and its hardware fingerprint.
 
     The record's own ``hardware`` (which `harness bench` extends with software versions and dtype)
     wins over the run's; its dtype moves to the measurement; nested latencies (``latency_s: {p50,
-    p95}``) become flat keys.
+    p95}``) become flat keys; a ``quality`` dict gets its metric's spec.
     """
     out = []
     for run in runs:
@@ -307,74 +191,5 @@ def collect_measurements(store: Store, runs: list[dict[str, Any]]) -> list[dict[
                         "peak_memory_mb": m.get("peak_memory_mb", memory / 2**20 if isinstance(memory, (int, float)) else None),
                         "setting": setting, "setting_label": setting_label(setting), "hardware": hw,
                         "hardware_id": stable_hash(hw)[:8], "hardware_label": hardware_label(hw),
-                        "quality": m.get("quality") if isinstance(m.get("quality"), dict) else None})
+                        "quality": quality_of(store, m.get("quality"))})
     return out
-
-
-MEASURES = (("tokens_per_s", "tokens/s", 1, 1), ("latency_p50_s", "p50 (s)", 3, 1), ("latency_p95_s", "p95 (s)", 3, 1),
-            ("ttft_s", "TTFT (s)", 3, 1), ("nfe", "NFE", 0, 1), ("peak_memory_mb", "peak MB", 0, 1),
-            ("mfu", "MFU (%)", 1, 100), ("bandwidth_fraction", "BW (%)", 1, 100))
-
-
-def number(value: Any, digits: int = 1, scale: float = 1) -> str:
-    return f"{value * scale:,.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else DASH
-
-
-def hardware_ids(measurements: list[dict[str, Any]]) -> dict[str, str]:
-    return {hid: f"H{i}" for i, hid in enumerate(dict.fromkeys(m["hardware_id"] for m in measurements), 1)}
-
-
-def hardware_tables(measurements: list[dict[str, Any]]) -> list[Table]:
-    """The distinct hardware fingerprints, then per model: one row per hardware, tokens/s per setting."""
-    ids = hardware_ids(measurements)
-    first = {m["hardware_id"]: m["hardware"] for m in reversed(measurements)}
-    described = Table("Hardware fingerprints", ["Id", "Accelerator", "GPU memory (GB)", "CUDA / driver", "CPU",
-                                                "Cores", "RAM (GB)", "Software", "Fingerprint"],
-                      [[ids[h], hardware_label(hw), number(hw.get("gpu_memory_gb"), 0),
-                        f"{hw.get('cuda') or DASH} / {hw.get('driver') or DASH}", hw.get("cpu") or DASH,
-                        number(hw.get("cpu_cores"), 0), number(hw.get("memory_gb"), 0),
-                        ", ".join(f"{k} {hw[k]}" for k in ("torch", "transformers") if hw.get(k)) or DASH, h]
-                       for h, hw in ((h, first[h]) for h in ids)])
-    tables = [described]
-    for model in dict.fromkeys(m["model"] for m in measurements):
-        mine = [m for m in measurements if m["model"] == model]
-        keys = list(dict.fromkeys(column_key(m) for m in mine))
-        common = {k: v for k, v in keys[0] if all((k, v) in key for key in keys)}
-        latest = {(m["hardware_id"], column_key(m)): m for m in mine}
-        rows = [[f"{ids[h]} {hardware_label(first[h])}"] +
-                [number(latest[(h, key)].get("tokens_per_s")) if (h, key) in latest else DASH for key in keys]
-                for h in dict.fromkeys(m["hardware_id"] for m in mine)]
-        header = [setting_label({k: v for k, v in key if k not in common}) if len(keys) > 1 else "tokens/s"
-                  for key in keys]
-        tables.append(Table(f"Throughput of {model} by hardware (tokens/s)", ["Hardware"] + header, rows,
-                            settings=[f"common to all columns: {setting_label(common)}",
-                                      "the latest measurement of each setting on each hardware"]))
-    return tables
-
-
-def column_key(m: dict[str, Any]) -> tuple:
-    """What distinguishes one throughput setting: backend, variant (sampler, cache) and the setting dict."""
-    setting = {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in m["setting"].items()}
-    return (("backend", m["backend"]), ("variant", m["variant"]), ("dtype", m["dtype"]), *sorted(setting.items()))
-
-
-def measurement_tables(measurements: list[dict[str, Any]]) -> list[Table]:
-    """Every measurement, one table per hardware fingerprint."""
-    ids = hardware_ids(measurements)
-    tables = []
-    for hid, name in ids.items():
-        mine = [m for m in measurements if m["hardware_id"] == hid]
-        rows = [[m["model"], m["backend"], m["variant"], m["dtype"], m["setting_label"]] +
-                [number(m.get(key), digits, scale) for key, _, digits, scale in MEASURES] +
-                [quality_label(m["quality"])] for m in mine]
-        tables.append(Table(f"Measurements on {name}: {hardware_label(mine[0]['hardware'])}",
-                            ["Model", "Backend", "Variant", "dtype", "Setting"] + [label for _, label, _, _ in MEASURES] +
-                            ["Quality"], rows, settings=[f"runs: {', '.join(dict.fromkeys(m['run_id'] for m in mine))}"]))
-    return tables
-
-
-def quality_label(quality: dict[str, Any] | None) -> str:
-    if not quality or not isinstance(quality.get("value"), (int, float)):
-        return DASH
-    metric = str(quality.get("metric", ""))
-    return f"{quality.get('task', '?')} {metric} {fmt(quality['value'], None, 100 if percent(metric) else 1)}"

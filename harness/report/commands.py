@@ -10,9 +10,10 @@ import typer
 
 from harness.errors import HarnessError
 from harness.report import Section, Table
-from harness.report.collect import (collect_cells, collect_measurements, hardware_label, hardware_tables,
-                                    leaderboards, measurement_tables, model_name, results_table, runs_table,
-                                    select_runs, versions)
+from harness.report.collect import (collect_cells, collect_measurements, hardware_label, model_name, select_runs,
+                                    versions)
+from harness.report.hardware import hardware_tables, measurement_tables
+from harness.report.tables import leaderboards, results_table, runs_table
 from harness.report.compare import dlm_vs_ar, paired, paired_table
 from harness.report.reference import facts_table, known_parents, load_papers, references, reproduction
 from harness.store import Store, default_store_path
@@ -56,7 +57,8 @@ def build_sections(store: Store, runs: list[dict[str, Any]], link_runs: bool = F
         table, _ = reproduction(references(papers), cells, measurements)
         sections += [
             section("Leaderboard", leaderboards(cells), "No task results.", [
-                "Value ± standard error of each task's first metric, in % for fractions. A row is one model "
+                "Value ± standard error of each task's primary metric, in its unit (fractions in %, "
+                "perplexities as they are). A row is one model "
                 "configuration (model, scoring, dtype, seed); a task produced with different data, prompts or "
                 "options gets separate lettered columns."]),
             section("DLM vs AR", [dlm_vs_ar(cells, known_parents(papers))],

@@ -1,4 +1,8 @@
-"""Comparisons: DLM vs AR deltas on the leaderboard, and paired per-example deltas between two runs."""
+"""Comparisons: DLM vs AR deltas on the leaderboard, and paired per-example deltas between two runs.
+
+Units, directions and aggregations come from the metric specs stored with each task result
+(``harness.report.specs`` says what an older store falls back to).
+"""
 from __future__ import annotations
 
 import json
@@ -10,7 +14,12 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.report import Footnotes, Table
-from harness.report.collect import DASH, Cell, fmt, percent, primary, variant_labels
+from harness.report.collect import Cell
+from harness.report.format import DASH, fmt, shown
+from harness.report.specs import result_specs
+from harness.report.tables import primary, variant_labels
+from harness.scoring.metric import Metric, undeclared
+from harness.scoring.metrics import AGGREGATIONS
 from harness.store import Store
 
 SCORING_KEYS = ("backend", "estimator", "sampler", "infill_mode", "dtype")
@@ -21,7 +30,9 @@ def dlm_vs_ar(cells: list[Cell], known_parents: dict[str, str]) -> Table:
     """Per task: each DLM against its AR parent (where known) and against the best AR model.
 
     Only cells of the same task variant (task and prompt hash) are paired; the difference counts
-    as significant when |delta| exceeds twice the combined standard error.
+    as significant when |delta| exceeds twice the combined standard error. The best AR model is
+    the best by the primary metric's declared direction (the lowest perplexity, the highest
+    accuracy); a metric without a declared direction (an old store) gets no best AR.
     """
     cells = primary(cells)
     labels = variant_labels(cells)
@@ -36,29 +47,34 @@ def dlm_vs_ar(cells: list[Cell], known_parents: dict[str, str]) -> Table:
             continue
         if not dlms:
             continue
-        best = max(ars, key=lambda c: c.value if c.higher_is_better else -c.value)
+        ranked = [a for a in ars if a.higher_is_better is not None]
+        best = max(ranked, key=lambda c: c.spec.rank(c.value)) if ranked else None
+        if best is None:
+            notes.ref(f"{label}: {ars[0].metric} declares no direction (an older store), so no best AR")
         for dlm in dlms:
             parent_name = dlm.parent or known_parents.get(dlm.model)
             parent = next((a for a in ars if parent_name in a.names), None) if parent_name else None
             if parent is not None:
                 rows.append(delta_row(dlm, parent, "parent" + (", best AR" if parent is best else ""), label))
-            if parent is not best:
+            if best is not None and parent is not best:
                 rows.append(delta_row(dlm, best, "best AR", label))
     return Table("Each DLM against its AR parent and the best AR model", ["Task", "Metric", "DLM", "DLM scoring", "AR", "AR is", "DLM value", "AR value", "Δ",
                                "2·SE(Δ)", "|Δ| > 2 SE", "DLM run"], rows,
                  settings=["Δ = DLM − AR on the same task variant; SE(Δ) = √(SE²_DLM + SE²_AR)",
+                           "best AR: by the metric's declared direction (the lowest perplexity, the highest "
+                           "accuracy); values in the metric's unit (fractions in %)",
                            "parents: from the run's base_model, else the papers' adaptation pairs (baselines/papers)"],
                  notes=notes.listing())
 
 
 def delta_row(dlm: Cell, ar: Cell, relation: str, label: str) -> list[str]:
-    scale = 100 if percent(dlm.metric) else 1
+    spec = dlm.spec
     delta = dlm.value - ar.value
     combined = math.hypot(dlm.stderr, ar.stderr) if dlm.stderr is not None and ar.stderr is not None else None
     significant = DASH if combined is None else ("yes" if abs(delta) > 2 * combined else "no")
-    return [label, dlm.metric + (" (%)" if scale == 100 else ""), dlm.model, dlm.scoring, ar.model, relation,
-            fmt(dlm.value, dlm.stderr, scale), fmt(ar.value, ar.stderr, scale), f"{delta * scale:+.1f}",
-            fmt(None if combined is None else 2 * combined, None, scale), significant, dlm.run_id]
+    return [label, spec.label, dlm.model, dlm.scoring, ar.model, relation,
+            shown(spec, dlm.value, dlm.stderr), shown(spec, ar.value, ar.stderr), f"{delta * spec.scale:+.1f}",
+            shown(spec, None if combined is None else 2 * combined), significant, dlm.run_id]
 
 
 # ---- paired per-example comparison ------------------------------------------------------------
@@ -72,17 +88,16 @@ class Paired:
     delta: float  # b - a
     low: float
     high: float
+    spec: Metric  # unit and aggregation of the metric
 
     @property
     def significant(self) -> bool:
         return not self.low <= 0.0 <= self.high
 
 
-def statistic(metric: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The aggregate over the last axis: perplexity of per-example log-likelihoods, else the mean."""
-    if metric.startswith("perplexity"):
-        return lambda values: np.exp(-values.mean(axis=-1))
-    return lambda values: values.mean(axis=-1)
+def statistic(spec: Metric) -> Callable[[np.ndarray], float]:
+    """The metric's aggregate over one sample of examples, by its spec's aggregation."""
+    return AGGREGATIONS.get(spec.aggregation).statistic
 
 
 def bootstrap_ci(a: np.ndarray, b: np.ndarray, stat: Callable, resamples: int, seed: int,
@@ -92,7 +107,7 @@ def bootstrap_ci(a: np.ndarray, b: np.ndarray, stat: Callable, resamples: int, s
     deltas = []
     for start in range(0, resamples, 100):
         idx = rng.integers(0, len(a), (min(100, resamples - start), len(a)))
-        deltas.append(stat(b[idx]) - stat(a[idx]))
+        deltas.append([stat(b[i]) - stat(a[i]) for i in idx])
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(np.concatenate(deltas), [tail, 100 - tail])
     return float(low), float(high)
@@ -120,20 +135,42 @@ def paired(store: Store, run_a: dict[str, Any], run_b: dict[str, Any], resamples
             differ = sum(flag for _, _, flag in pairs)
             warnings.append(f"{task}: prompt hashes differ (A n={ra['n']}, B n={rb['n']}, {len(pairs)} paired, "
                             f"{differ} paired examples with different prompts)")
-        if not pairs:
-            continue
-        for metric in [k for k in pairs[0][0] if k in pairs[0][1]]:
-            values = [(ma[metric], mb[metric]) for ma, mb, _ in pairs
-                      if isinstance(ma.get(metric), (int, float)) and isinstance(mb.get(metric), (int, float))]
-            if not values:
-                continue
-            a, b = np.array(values, dtype=float).T
-            stat = statistic(metric)
-            low, high = bootstrap_ci(a, b, stat, resamples, seed)
-            out.append(Paired(task, metric, len(a), float(stat(a)), float(stat(b)), float(stat(b) - stat(a)), low, high))
+        if pairs:
+            specs = {**result_specs(task, rb), **result_specs(task, ra)}
+            out += paired_metrics(task, [(ma, mb) for ma, mb, _ in pairs], specs, resamples, seed)
     if not out:
         raise HarnessError(f"runs {run_a['run_id']} and {run_b['run_id']} have no examples in common")
     return out, warnings
+
+
+def usable(value: Any, spec: Metric) -> bool:
+    """A per-example value the spec's aggregation takes: a number, or (a declared paired aggregation
+    such as weighted perplexity) a list of numbers."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    return spec.higher_is_better is not None and isinstance(value, list) and bool(value) and \
+        all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+
+
+def paired_metrics(task: str, pairs: list[tuple[dict, dict]], specs: dict[str, Metric], resamples: int,
+                   seed: int) -> list[Paired]:
+    """One ``Paired`` per metric both runs' per-example records hold, aggregated by the metric's spec."""
+    out = []
+    for metric in [k for k in pairs[0][0] if k in pairs[0][1]]:
+        spec = specs.get(metric) or undeclared(metric)
+        values = [(ma[metric], mb[metric]) for ma, mb in pairs
+                  if usable(ma.get(metric), spec) and usable(mb.get(metric), spec)]
+        try:
+            a, b = (np.array([v[side] for v in values], dtype=float) for side in (0, 1))
+        except ValueError:  # ragged lists: not values this aggregation takes
+            continue
+        if not values or a.shape != b.shape:
+            continue
+        stat = statistic(spec)
+        low, high = bootstrap_ci(a, b, stat, resamples, seed)
+        out.append(Paired(task, metric, len(a), float(stat(a)), float(stat(b)), float(stat(b) - stat(a)), low, high,
+                          spec))
+    return out
 
 
 def provenance_warnings(run_a: dict[str, Any], run_b: dict[str, Any]) -> list[str]:
@@ -154,8 +191,8 @@ def provenance_warnings(run_a: dict[str, Any], run_b: dict[str, Any]) -> list[st
 def paired_table(results: list[Paired], run_a: str, run_b: str, confidence: float = 0.95) -> Table:
     rows = []
     for r in results:
-        scale = 100 if percent(r.metric) else 1
-        rows.append([r.task, r.metric + (" (%)" if scale == 100 else ""), str(r.n), fmt(r.a, None, scale, 2),
+        scale = r.spec.scale
+        rows.append([r.task, r.spec.label, str(r.n), fmt(r.a, None, scale, 2),
                      fmt(r.b, None, scale, 2), f"{r.delta * scale:+.2f}",
                      f"[{r.low * scale:+.2f}, {r.high * scale:+.2f}]", "yes" if r.significant else "no"])
     return Table(f"Paired comparison: B {run_b} − A {run_a}",

@@ -1,7 +1,10 @@
 """Speed-quality figures from throughput measurements that carry a ``quality`` dict (matplotlib, Agg).
 
 Pareto plots are drawn per hardware fingerprint (tokens/s from different machines never share
-axes); steps-vs-quality curves pool hardware, since quality does not depend on it.
+axes); steps-vs-quality curves pool hardware, since quality does not depend on it. The quality axis
+is in the metric's unit and the Pareto front follows its direction, both from the metric spec that
+``collect_measurements`` attached to each quality dict; a metric without a declared direction gets
+no front.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import itertools
 from typing import Any
 
 from harness.report import Figure
-from harness.report.collect import hardware_ids, percent
+from harness.report.hardware import hardware_ids
 
 
 def pyplot():
@@ -43,13 +46,14 @@ def quality_points(measurements: list[dict[str, Any]]) -> dict[tuple[str, str], 
     return groups
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:
     """The points no other point beats in both speed and quality, by increasing speed."""
+    sign = 1 if higher_is_better else -1
     front, best = [], float("-inf")
-    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
-        if y > best:
+    for x, y in sorted(points, key=lambda p: (-p[0], -sign * p[1])):
+        if sign * y > best:
             front.append((x, y))
-            best = y
+            best = sign * y
     return sorted(front)
 
 
@@ -61,8 +65,8 @@ def speed_quality_figures(measurements: list[dict[str, Any]]) -> list[Figure]:
     ids = hardware_ids(measurements)
     figures = []
     for (task, metric), points in groups.items():
-        scale = 100 if percent(metric) else 1
-        unit = f"{task} {metric}" + (" (%)" if scale == 100 else "")
+        spec = points[0]["quality"]["spec"]
+        unit, scale = f"{task} {spec.label}", spec.scale
         for hid in dict.fromkeys(m["hardware_id"] for m in points):
             mine = [m for m in points if m["hardware_id"] == hid and isinstance(m.get("tokens_per_s"), (int, float))]
             if mine:
@@ -82,9 +86,11 @@ def pareto_figure(plt, points, task: str, metric: str, unit: str, scale: float, 
             if m["setting"].get("steps") is not None:
                 ax.annotate(str(m["setting"]["steps"]), (m["tokens_per_s"], m["quality"]["value"] * scale),
                             textcoords="offset points", xytext=(4, 3), fontsize=7, color="0.35")
-    front = pareto_front([(m["tokens_per_s"], m["quality"]["value"] * scale) for m in points])
-    ax.step([x for x, _ in front], [y for _, y in front], where="post", color="0.2", lw=1, ls="--",
-            label="Pareto front", zorder=2)
+    direction = points[0]["quality"]["spec"].higher_is_better
+    if direction is not None:
+        front = pareto_front([(m["tokens_per_s"], m["quality"]["value"] * scale) for m in points], direction)
+        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="0.2", lw=1, ls="--",
+                label="Pareto front", zorder=2)
     ax.set_xscale("log")
     ax.set_xlabel("throughput (tokens/s, log scale)")
     ax.set_ylabel(unit)

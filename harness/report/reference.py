@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.config import BASELINES_DIR, read_yaml
+from harness.config import PAPERS_DIR, read_yaml
 from harness.errors import HarnessError
 from harness.report import Footnotes, Table
-from harness.report.collect import DASH, Cell, fmt, percent
+from harness.report.collect import Cell
+from harness.report.format import DASH, fmt
 from harness.hashing import stable_hash
 
-PAPERS_DIR = BASELINES_DIR / "papers"
 KEYS = {
     "paper": {"paper", "short", "venue", "arxiv", "models", "parents", "facts", "tables"},
     "table": {"table", "unit", "tolerance", "notes", "match", "columns", "rows"},
@@ -177,7 +177,8 @@ def match_cells(ref: Reference, cells: list[Cell]) -> list[Match]:
         chosen = next((m for m in wanted if m in metrics[(cell.run_id, cell.task)]), None)
         if cell.metric != chosen:
             continue
-        scale = 100 if ref.unit == "%" and percent(cell.metric) else 1
+        # x100 only where the paper reports % and the metric is stored as a fraction (ROUGE is x100 already)
+        scale = 100 if ref.unit == "%" and cell.spec.unit == "fraction" else 1
         notes = list(ref.notes) + ([spec["note"]] if spec.get("note") else [])
         notes += [f"Harness {key} {PROTOCOL_GETTERS[key](cell)} ≠ paper {want}." for key, want in ref.protocol.items()
                   if key in PROTOCOL_GETTERS and PROTOCOL_GETTERS[key](cell) not in (None, want)]
@@ -241,7 +242,8 @@ def reproduction(refs: list[Reference], cells: list[Cell], measurements: list[di
                                                              "Paper column", "Source", "Paper", "Δ", "Verdict", "Notes",
                                                              "Run"], rows,
                  settings=[f"{covered} of {len(matchable)} matchable published cells have a harness measurement",
-                           "harness fractions x100 where the paper reports %; Δ = harness − paper",
+                           "harness fractions (by their metric spec's unit) x100 where the paper reports %; "
+                           "Δ = harness − paper",
                            "runs that differ only in their seed are pooled: the mean, its spread over seeds, "
                            "and the runs' mean standard error",
                            "verdict: |Δ| within 1 or 2 standard errors of the harness value, else within the "

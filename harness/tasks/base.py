@@ -10,19 +10,29 @@ from harness.errors import HarnessError
 from harness.hashing import stable_hash, to_jsonable
 from harness.models.base import (GenerateRequest, InfillRequest, LoglikelihoodRequest, LoglikelihoodResult,
                                  RollingRequest)
+from harness.scoring.metric import Metric, Metrics, fraction_metrics
 from harness.tasks.data import hub_rows, local_paths
 
 Request = LoglikelihoodRequest | GenerateRequest | InfillRequest | RollingRequest
+# what a task asks of the model (lm-eval's names, plus "infill"); stored with each task result, it
+# tells the report how a run scored the task (exact log-likelihood or an estimator, a sampler, ...)
+OUTPUT_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling", "generate_until", "infill")
 
 
 class Task:
     """Base class. Subclasses read docs and define ``requests`` and ``process``."""
 
-    output_type: ClassVar[str] = "loglikelihood"
-    # metric -> aggregation: "mean" (with analytic stderr) or "perplexity" (bootstrap stderr)
-    metrics: ClassVar[dict[str, str]] = {}
-    higher_is_better: ClassVar[dict[str, bool]] = {}
+    output_type: ClassVar[str] = "loglikelihood"  # one of OUTPUT_TYPES
+    # the metric specs (harness.scoring.metric): aggregation, direction, unit, exactly one primary
+    metrics: ClassVar[Metrics] = Metrics()
     version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not isinstance(cls.metrics, Metrics):
+            raise TypeError(f"{cls.__name__}.metrics must be Metrics(...) of Metric specs, not {type(cls.metrics)}")
+        if cls.output_type not in OUTPUT_TYPES:
+            raise TypeError(f"{cls.__name__}.output_type '{cls.output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
 
     def __init__(self, spec: TaskSpec, data_dir: Path | None, options: dict[str, Any] | None = None):
         self.spec, self.data_dir = spec, data_dir
@@ -32,6 +42,15 @@ class Task:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def higher_is_better(self) -> dict[str, bool | None]:
+        """{metric: bool} from the specs, as lm-eval's results.json has it."""
+        return self.metrics.higher_is_better
+
+    def metric_specs(self) -> tuple[Metric, ...]:
+        """The metric specs in declaration order (exactly one is primary)."""
+        return tuple(self.metrics.values())
 
     def docs(self) -> list[dict[str, Any]]:
         if self._docs is None:
@@ -75,8 +94,7 @@ class MultipleChoiceTask(Task):
     """Choices scored by log-likelihood; acc and length-normalised acc (by choice characters, as lm-eval)."""
 
     output_type = "multiple_choice"
-    metrics = {"acc": "mean", "acc_norm": "mean"}
-    higher_is_better = {"acc": True, "acc_norm": True}
+    metrics = fraction_metrics("acc", "acc_norm")
 
     def requests(self, doc: dict[str, Any]) -> list[Request]:
         contexts = doc["contexts"] if "contexts" in doc else [doc["context"]] * len(doc["choices"])

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Sequence
 from harness.config import TaskSpec
 from harness.errors import HarnessError
 from harness.models.base import GenerateRequest, GenerationResult, LoglikelihoodRequest, LoglikelihoodResult
+from harness.scoring.metric import fraction_metrics
 from harness.tasks.answers import contains_match, exact_match, f1, normalize_answer
 from harness.tasks.base import MultipleChoiceTask
 from harness.tasks.generation import SQuAD, TriviaQA, skip_record, unique, was_skipped
@@ -48,8 +49,7 @@ def argmax(values: Sequence[float]) -> int:
 class ScriptChoiceTask(MultipleChoiceTask):
     """Multiple choice as the DiffuGPT scripts tokenise and rank it; subclasses define ``choices``."""
 
-    metrics = {"acc": "mean", "acc_tokmean": "mean"}
-    higher_is_better = {"acc": True, "acc_tokmean": True}
+    metrics = fraction_metrics("acc", "acc_tokmean")
     defaults: ClassVar[dict[str, Any]] = {"script": "eval-diffugpt"}
 
     def __init__(self, spec: TaskSpec, data_dir: Path | None, options: dict[str, Any] | None = None):
@@ -165,8 +165,7 @@ class ScriptQA:
 class TriviaQADiffuGPT(ScriptQA, SQuAD):
     """``eval-diffugpt.py``'s "TriviaQA": SQuAD v1.1 validation in file order, first 2,000."""
 
-    metrics = {"contains": "mean", "f1": "mean"}
-    higher_is_better = {"contains": True, "f1": True}
+    metrics = fraction_metrics("contains", "f1")
     defaults = {"prompt": "{context}\nQuesion{question}?\nAnswer: ", "until": [], "max_tokens": 32,
                 "length": "oracle", "oracle_slack": 0, "max_docs": 2000, "diffusion_steps": None}
 
@@ -177,8 +176,7 @@ class TriviaQADiffuGPT(ScriptQA, SQuAD):
 class TriviaQAPaper(ScriptQA, TriviaQA):
     """Real TriviaQA with the protocol ``eval-llm.py`` meant: first 2,000 questions, aliases as golds."""
 
-    metrics = {"contains": "mean", "exact_match": "mean", "f1": "mean"}
-    higher_is_better = {m: True for m in metrics}
+    metrics = fraction_metrics("contains", "exact_match", "f1")
     defaults = {"prompt": "Question: {question}?\nAnswer: ", "until": [], "max_tokens": 32, "length": "oracle",
                 "oracle_slack": 0, "max_docs": 2000, "diffusion_steps": None}
 

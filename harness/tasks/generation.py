@@ -32,6 +32,7 @@ from harness.errors import HarnessError
 from harness.models.base import GenerateRequest, GenerationResult
 from harness.tasks.answers import (clean_number_text, contains_match, exact_match, extract_choice, f1,
                                    gsm8k_exact_match, gsm8k_flexible, gsm8k_strict, numeric_match)
+from harness.scoring.metric import fraction_metrics
 from harness.tasks.base import Task
 from harness.tasks.data import hub_rows
 from harness.tasks.likelihood import read_jsonl
@@ -117,8 +118,7 @@ def skip_record(results: Sequence[GenerationResult]) -> dict[str, Any]:
 class QATask(GenerationTask):
     """Short answers: exact match and F1 over the gold answers (SQuAD normalisation) and "contains"."""
 
-    metrics = {"exact_match": "mean", "f1": "mean", "contains": "mean"}
-    higher_is_better = {"exact_match": True, "f1": True, "contains": True}
+    metrics = fraction_metrics("exact_match", "f1", "contains")
 
     def requests(self, doc):
         prompt = self.prompt(doc)
@@ -178,8 +178,7 @@ class SQuAD(QATask):
 class GSM8K(GenerationTask):
     """lm-eval's gsm8k: few-shot "Question: …\\nAnswer: …" from train; strict and flexible extraction."""
 
-    metrics = {"exact_match_strict": "mean", "exact_match_flexible": "mean"}
-    higher_is_better = {"exact_match_strict": True, "exact_match_flexible": True}
+    metrics = fraction_metrics("exact_match_strict", "exact_match_flexible")
     defaults = {"prompt": "Question: {question}\nAnswer:", "until": ["Question:", "</s>", "<|im_end|>"],
                 "max_tokens": 256, "num_fewshot": 5, "fewshot_seed": 1234, "max_docs": None}
 
@@ -252,8 +251,7 @@ class MAWPS(GSM8K):
     """MAWPS (MWPToolkit test split); few-shot examples from its valid split, answered in the symbolic
     format ("<<3+4=7>> #### 7"); numbers compared within a relative tolerance."""
 
-    metrics = {"acc_strict": "mean", "acc_flexible": "mean"}
-    higher_is_better = {"acc_strict": True, "acc_flexible": True}
+    metrics = fraction_metrics("acc_strict", "acc_flexible")
     defaults = {**GSM8K.defaults, "until": ["Question:", "\n\n"], "max_tokens": 64, "num_fewshot": 4,
                 "rel_tol": 1e-4}
 
@@ -282,8 +280,7 @@ class SATMath(GenerationTask):
     """AGIEval SAT-Math, answered by generation: AGIEval's zero-shot English prompt, first option letter.
     Few-shot examples (off by default) are other questions of the same set with their answer letter."""
 
-    metrics = {"acc": "mean"}
-    higher_is_better = {"acc": True}
+    metrics = fraction_metrics("acc")
     defaults = {"prompt": "{passage}Q: {question} Answer Choices: {choices}\nA: Among A through D, the answer is",
                 "until": ["\n"], "max_tokens": 16, "num_fewshot": 0, "fewshot_seed": 1234, "max_docs": None}
 
@@ -307,8 +304,7 @@ class LambadaGeneration(GenerationTask):
     """DiffuGPT's LAMBADA protocol: generate the last word in as many tokens as it has (oracle length;
     a diffusion sampler's default steps = tokens), exact match of the stripped text with the word."""
 
-    metrics = {"acc": "mean"}
-    higher_is_better = {"acc": True}
+    metrics = fraction_metrics("acc")
     defaults = {"length": "oracle", "oracle_slack": 0, "max_tokens": 8, "max_docs": None}
 
     def read_local(self, paths):

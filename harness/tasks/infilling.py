@@ -31,6 +31,7 @@ from typing import Any
 
 from harness.errors import HarnessError
 from harness.models.base import GenerateRequest, GenerationResult, InfillRequest
+from harness.scoring.metric import Metric, Metrics, fraction_metrics
 from harness.scoring.passk import pass_at_k
 from harness.scoring.rouge import rouge_f
 from harness.scoring.sandbox import (SandboxLimits, check_program, filesystem_isolation_available,
@@ -55,6 +56,7 @@ def trim_to_reference_lines(completion: str, reference: str) -> str:
 
 
 class InfillTask(GenerationTask):
+    output_type = "infill"
     budget_option = "fixed_tokens"
 
     def infill_request(self, prefix: str, suffix: str, middle: str, space: str = "") -> InfillRequest:
@@ -77,8 +79,9 @@ class ROCStoriesInfill(InfillTask):
     script encodes both without one (``rocstories_infill_diffugpt``).
     """
 
-    metrics = {"rouge1": "mean", "rouge2": "mean", "rougeL": "mean", "rouge_avg": "mean"}
-    higher_is_better = {m: True for m in metrics}
+    # ROUGE F-measures are stored x100 (harness.scoring.rouge), hence "percent"
+    metrics = Metrics(*(Metric(name, "mean", True, "percent", primary=name == "rouge1")
+                        for name in ("rouge1", "rouge2", "rougeL", "rouge_avg")))
     defaults = {"length": "oracle", "oracle_slack": 0, "fixed_tokens": 32, "max_docs": 1000, "use_stemmer": False,
                 "leading_space": True, "diffusion_steps": None}
 
@@ -114,8 +117,7 @@ def sandbox_summary() -> str:
 class CodeTask:
     """Mixin: refuse to load without allow_code_exec; run programs in the sandbox; pass@1."""
 
-    metrics = {"pass@1": "mean"}
-    higher_is_better = {"pass@1": True}
+    metrics = fraction_metrics("pass@1")
 
     def require_code_exec(self) -> None:
         if not self.options.get("allow_code_exec"):

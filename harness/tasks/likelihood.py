@@ -9,6 +9,7 @@ from typing import Any
 
 from harness.errors import HarnessError
 from harness.models.base import LoglikelihoodRequest, LoglikelihoodResult
+from harness.scoring.metric import Metric, Metrics
 from harness.tasks.base import MultipleChoiceTask, Task
 
 
@@ -31,8 +32,8 @@ def read_labels(path: Path) -> list[int]:
 class Lambada(Task):
     """Last-word prediction: context = all but the last word, continuation = " " + last word."""
 
-    metrics = {"acc": "mean", "perplexity": "perplexity"}
-    higher_is_better = {"acc": True, "perplexity": False}
+    metrics = Metrics(Metric("acc", "mean", True, "fraction", primary=True),
+                      Metric("perplexity", "perplexity", False, "perplexity"))
 
     def read_local(self, paths):
         path = paths["text"]

@@ -10,6 +10,7 @@ import math
 import re
 
 from harness.models.base import RollingRequest, RollingResult
+from harness.scoring.metric import Metric, Metrics
 from harness.tasks.base import Task
 
 HEADING = re.compile(r"^ = [^=].* = $")
@@ -26,9 +27,9 @@ def split_articles(text: str) -> list[str]:
 
 class WikiText(Task):
     output_type = "loglikelihood_rolling"
-    metrics = {"word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
-               "bits_per_byte": "bits_per_unit"}
-    higher_is_better = {"word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False}
+    metrics = Metrics(Metric("word_perplexity", "weighted_perplexity", False, "perplexity", primary=True),
+                      Metric("byte_perplexity", "weighted_perplexity", False, "perplexity"),
+                      Metric("bits_per_byte", "bits_per_unit", False, "bits"))
 
     def read_local(self, paths):
         return [{"text": article} for article in split_articles(paths["text"].read_text(encoding="utf-8"))]

@@ -25,6 +25,7 @@ from fractions import Fraction
 
 from harness.errors import HarnessError
 from harness.models.base import GenerateRequest, GenerationResult
+from harness.scoring.metric import fraction_metrics
 from harness.tasks.generation import GSM8K
 
 SMDM_ANSWER = re.compile(r"#### (.*)$")  # no re.MULTILINE, as SMDM's get_acc
@@ -79,8 +80,7 @@ class SMDMGSM8K(GSM8K):
     """GSM8K test as SMDM evaluates it: "Question: …" zero-shot, two sampling stages, "#### n" on
     the final line compared numerically with the gold answer."""
 
-    metrics = {"acc": "mean"}
-    higher_is_better = {"acc": True}
+    metrics = fraction_metrics("acc")
     defaults = {"prompt": "Question: {question}", "max_tokens": 256, "stages": 2, "canvas_length": 256,
                 "max_docs": None}
 
