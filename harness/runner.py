@@ -58,11 +58,16 @@ def evaluate(config: RunConfig | RunPlan, model: LanguageModel | None = None, pr
                         env={**environment(), "world_size": size, "batch_size": fingerprint.get("batch_size")},
                         output_dir=str(output_dir))
     distributed.barrier()
-    reused = {task.name: score_task(task, model, store, run_id, plan.limit, rank, size, progress)
-              for task in tasks}
-    if rank != 0:
-        return {}
-    results = finalize(store, run_id, tasks, plan, fingerprint, output_dir)
+    try:
+        reused = {task.name: score_task(task, model, store, run_id, plan.limit, rank, size, progress)
+                  for task in tasks}
+        if rank != 0:
+            return {}
+        results = finalize(store, run_id, tasks, plan, fingerprint, output_dir)
+    except BaseException as exc:  # the run stays resumable; it is just no longer running
+        if rank == 0:
+            store.finish_run(run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        raise
     results["harness"]["reused_records"] = reused
     store.finish_run(run_id)
     return results
@@ -71,7 +76,7 @@ def evaluate(config: RunConfig | RunPlan, model: LanguageModel | None = None, pr
 def score_task(task: Task, model: LanguageModel, store: Store, run_id: str, limit: int | None,
                rank: int, size: int, progress) -> int:
     """Score the task's documents not yet stored; returns how many were already stored."""
-    docs = task.docs()[:limit] if limit else task.docs()
+    docs = task.selected_docs(limit)
     done = store.done_docs(run_id, task.name)
     pending = [doc for doc in docs if doc["id"] not in done]
     bar = progress.add_task(task.name, total=len(docs), completed=len(docs) - len(pending)) if progress else None
@@ -121,7 +126,7 @@ def finalize(store: Store, run_id: str, tasks: list[Task], config: RunConfig, fi
     specs: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:
         records = store.records(run_id, task.name)
-        docs = task.docs()[:config.limit] if config.limit else task.docs()
+        docs = task.selected_docs(config.limit)
         metrics = aggregate([m for _, m, _ in records], task.metrics)
         prompt_hash = stable_hash([r["prompt_hash"] for _, _, r in records])
         specs[task.name] = task.metrics.to_list()

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    status TEXT NOT NULL,                 -- running | complete
+    status TEXT NOT NULL,                 -- running | complete | failed | interrupted
     kind TEXT NOT NULL DEFAULT 'eval',    -- eval | throughput
     model TEXT NOT NULL,
     config TEXT NOT NULL,                 -- JSON: the command's settings (identity of the run)
@@ -134,9 +134,11 @@ class Store:
                             json.dumps(fingerprint), json.dumps(env), output_dir))
         return existed
 
-    def finish_run(self, run_id: str) -> None:
+    def finish_run(self, run_id: str, status: str = "complete") -> None:
+        """Mark the run ``complete``, or ``failed`` / ``interrupted`` when it stopped early (its
+        records stay, and the same command resumes it)."""
         with self.transaction() as db:
-            db.execute("UPDATE runs SET status='complete', updated_at=? WHERE run_id=?", (time.time(), run_id))
+            db.execute("UPDATE runs SET status=?, updated_at=? WHERE run_id=?", (status, time.time(), run_id))
 
     def runs(self, kind: str | None = None) -> list[dict[str, Any]]:
         query = "SELECT * FROM runs" + (" WHERE kind=?" if kind else "") + " ORDER BY created_at"

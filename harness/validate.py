@@ -52,7 +52,7 @@ def validate_against_lm_eval(model: str, tasks: list[str], *, limit: int | None,
     all_ok = True
     reference = lm_eval_hf(resolve_weights(card.weights), batch_size, card.dtype)
     for task in task_objs:
-        docs = task.docs()[:limit] if limit else task.docs()
+        docs = task.selected_docs(limit)
         per_doc = [task.requests(d) for d in docs]
         flat = [r for reqs in per_doc for r in reqs]
         ours = ours_model.loglikelihood(flat)

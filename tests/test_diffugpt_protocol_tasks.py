@@ -109,8 +109,8 @@ def test_triviaqa_diffugpt_prompt_and_budget(data_dir, encode):
     # eval-diffugpt.py: SQuAD v1.1 validation in file order, first 2,000, the "Quesion" typo, budget =
     # the longest gold answer in tokens with no slack, no stop sequences
     t = task("triviaqa_diffugpt", data_dir)
-    docs = t.docs()
-    assert len(docs) == 2000 and docs[0]["question"] == "Which NFL team represented the AFC at Super Bowl 50?"
+    docs = t.selected_docs()
+    assert len(docs) == 2000 and len(t.docs()) > 2000 and docs[0]["question"] == "Which NFL team represented the AFC at Super Bowl 50?"
     (request,) = t.requests(docs[15])
     question = "\nQuesionSuper Bowl 50 decided the NFL champion for what season??\nAnswer: "
     assert request.context == docs[15]["context"] + question
@@ -138,7 +138,7 @@ def test_triviaqa_diffugpt_contains(data_dir, prediction, contains):
 def test_triviaqa_paper_prompt_budget_and_match(data_dir, encode):
     # eval-llm.py's intended TriviaQA: "Question: {q}?\nAnswer: ", longest alias in tokens, no stops
     t = task("triviaqa_paper", data_dir)
-    docs = t.docs()
+    docs = t.selected_docs()
     (request,) = t.requests(docs[0])
     assert len(docs) == 2000 and request.until == () and request.max_tokens == 0
     assert request.context == ("Question: Brunswick, Lancastrian and Pearl Pickler are types of which vegetable??"
@@ -155,7 +155,7 @@ def test_triviaqa_paper_prompt_budget_and_match(data_dir, encode):
 def test_rocstories_infill_diffugpt_request(data_dir, encode):
     # eval-diffugpt.py: middle and suffix without an added leading space, 32 diffusion steps
     t = task("rocstories_infill_diffugpt", data_dir)
-    docs = t.docs()
+    docs = t.selected_docs()
     (request,) = t.requests(docs[0])
     assert len(docs) == 1000 and request == InfillRequest(
         prefix="Rick grew up in a troubled household. He never found good support in family, and turned to gangs.",

@@ -54,7 +54,7 @@ def task(name, data_dir, **options):
 ])
 def test_first_prompt_from_real_data(data_dir, name, count, field):
     t = task(name, data_dir)
-    docs = t.docs()
+    docs = t.selected_docs()
     assert len(docs) == count
     (request,) = t.requests(docs[0])
     assert isinstance(request, GenerateRequest) and field in request.context

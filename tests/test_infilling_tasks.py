@@ -32,10 +32,10 @@ def code_task(name, data_dir, **options):
 
 
 def test_rocstories_docs_and_request(data_dir):
-    assert len(task("rocstories_infill", data_dir, max_docs=None).docs()) == 1871
+    assert len(task("rocstories_infill", data_dir, max_docs=None).selected_docs()) == 1871
     t = task("rocstories_infill", data_dir)
-    docs = t.docs()
-    assert len(docs) == 1000
+    docs = t.selected_docs()
+    assert len(docs) == 1000 and len(t.selected_docs(10)) == 10 and len(t.docs()) == 1871
     (request,) = t.requests(docs[0])
     assert request == InfillRequest(
         prefix="Rick grew up in a troubled household. He never found good support in family, and turned to gangs.",

@@ -81,3 +81,18 @@ def test_cli_rejects_bad_ar_argument(tiny_llama_dir, data_dir, tmp_path):
                            "--model-args", "max_length=abc"], capture_output=True, text=True)
     assert done.returncode == 2 and "max_length must be an integer" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_that_fails_midway_is_marked_failed_not_running(tiny_dlm_dir, data_dir, tmp_path, monkeypatch):
+    from harness.models.diffusion.backend import DiffusionLM
+    from harness.runner import evaluate
+    from harness.store import Store, default_store_path
+
+    def broken(self, requests):
+        raise HarnessError("the backend broke")
+
+    monkeypatch.setattr(DiffusionLM, "loglikelihood", broken)
+    with pytest.raises(HarnessError, match="broke"):
+        evaluate(RunConfig(model=str(tiny_dlm_dir), tasks=["piqa"], limit=2, data_dir=data_dir, output=tmp_path))
+    [run] = Store(default_store_path(tmp_path)).runs()
+    assert run["status"] == "failed"

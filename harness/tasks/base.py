@@ -64,6 +64,13 @@ class Task:
             self._docs = docs
         return self._docs
 
+    def selected_docs(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The documents a run scores, cut in this one place: the protocol's own first ``max_docs``
+        (an option, so recorded and hashed), then the run's ``limit``."""
+        cap = min((n for n in (self.options.get("max_docs"), limit) if n), default=None)
+        docs = self.docs()
+        return docs[:cap] if cap else docs
+
     def read_local(self, paths: dict[str, Path]) -> list[dict[str, Any]]:
         raise NotImplementedError
 

@@ -58,11 +58,6 @@ class GenerationTask(Task):
             raise HarnessError(f"task '{self.name}': length must be one of {', '.join(LENGTH_PROTOCOLS)}, "
                                f"not '{self.options['length']}'")
 
-    def docs(self) -> list[dict[str, Any]]:
-        docs = super().docs()
-        first = self.options.get("max_docs")
-        return docs[:first] if first else docs
-
     def settings(self) -> dict[str, Any]:
         settings = super().settings()
         settings["options"] = {k: v for k, v in self.options.items() if k != "allow_code_exec"}
