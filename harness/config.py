@@ -1,6 +1,9 @@
-"""Typed specs loaded from YAML: model cards (baselines/), tasks and suites (suites/).
+"""Typed specs loaded from YAML: tasks, suites and model cards.
 
-Every file is validated on load; a problem names the file (and line, for malformed YAML).
+The built-in YAML ships inside the package (``harness/resources/``: ``tasks/``, ``suites/``,
+``models/``, ``papers/``) and is found relative to this module, never the checkout; user
+directories are added by ``harness.catalog``. Every file is validated on load; a problem names the
+file (and line, for malformed YAML).
 """
 from __future__ import annotations
 
@@ -14,9 +17,12 @@ import yaml
 from harness.errors import HarnessError
 
 FAMILIES = ("ar", "diffusion")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SUITES_DIR = REPO_ROOT / "suites"
-BASELINES_DIR = REPO_ROOT / "baselines"
+# the package's own YAML tree: the same layout as an include directory (see harness.catalog), plus papers/
+RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
+TASKS_DIR = RESOURCES_DIR / "tasks"
+SUITES_DIR = RESOURCES_DIR / "suites"
+MODELS_DIR = RESOURCES_DIR / "models"
+PAPERS_DIR = RESOURCES_DIR / "papers"
 
 
 @dataclass(frozen=True)
@@ -24,10 +30,11 @@ class DiffusionSpec:
     format: str = "harness"
     kind: str = "shifted"  # shifted (AR-adapted) | unshifted (trained as a DLM)
     mask_id: int | None = None
-    estimator: str = "mc_time"
-    sampler: str = "llada"
-    greedy: str = "parallel"  # is_greedy: parallel (one pass) | sequential (SMDM, LLaDA)
-    start_token: str = "bos"  # bos: the tokenizer's BOS (else EOS) before every prompt | none (DiffuGPT)
+    # the paper's settings for this model; None: harness.models.settings' default
+    estimator: str | None = None
+    sampler: str | None = None
+    greedy: str | None = None  # is_greedy: parallel (one pass) | sequential (SMDM, LLaDA)
+    start_token: str | None = None  # bos before every prompt | none (DiffuGPT)
 
 
 @dataclass(frozen=True)

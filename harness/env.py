@@ -23,7 +23,15 @@ def package_versions() -> dict[str, str | None]:
 
 @functools.lru_cache(maxsize=1)
 def git_sha() -> str | None:
+    """The checkout's commit (``-dirty`` with local changes); None for an installed wheel.
+
+    Only a source checkout (pyproject.toml and .git next to the package) is asked: an installed
+    package sits in site-packages, and a virtual environment inside some other git repository must
+    not report that repository's commit. The package version is recorded either way.
+    """
     root = Path(__file__).resolve().parent.parent
+    if not ((root / "pyproject.toml").is_file() and (root / ".git").exists()):
+        return None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from harness.catalog import Catalog, catalog
-from harness.config import BASELINES_DIR, SUITES_DIR, read_yaml
+from harness.config import MODELS_DIR, SUITES_DIR, TASKS_DIR, read_yaml
 from harness.errors import HarnessError
 from harness.registry import Registry
 
@@ -15,14 +15,16 @@ def cli(*args, **kwargs):
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **kwargs})
 
 
-def test_every_yaml_in_suites_and_baselines_validates():
+def test_every_built_in_yaml_validates():
     c = Catalog()
+    assert not c.problems  # a broken built-in file would only be a warning at run time
     assert {"lambada_openai", "lambada_plain", "hellaswag", "winogrande", "social_iqa", "piqa"} <= set(c.tasks)
     assert "smollm2-135m" in c.models
     for name in c.tasks:
         c.task(name, None)  # builders import
-    assert len(list(SUITES_DIR.rglob("*.yaml"))) >= len(c.tasks.names()) + len(c.suites.names())
-    assert len(list((BASELINES_DIR / "models").glob("*.yaml"))) == len(c.models.names())
+    assert len(list(TASKS_DIR.glob("*.yaml"))) == len(c.tasks.names())
+    assert len(list(SUITES_DIR.glob("*.yaml"))) == len(c.suites.names())
+    assert len(list(MODELS_DIR.glob("*.yaml"))) == len(c.models.names())
 
 
 def test_unknown_name_suggests_close_matches():
@@ -40,21 +42,25 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
         read_yaml(bad)
 
 
-def test_unknown_and_missing_keys_are_rejected(tmp_path):
+def test_unknown_and_missing_keys_are_rejected_when_used(tmp_path):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "t.yaml").write_text("name: t\nbuilder: harness.tasks.likelihood:PIQA\nprompt: x\n")
-    with pytest.raises(HarnessError, match="unknown key.*prompt"):
-        Catalog(suites_dir=tmp_path, baselines_dir=tmp_path)
+    c = Catalog([tmp_path], builtin=None)
+    assert c.tasks.names() == [] and len(c.problems) == 1
+    with pytest.raises(HarnessError, match="t.yaml: unknown key.*prompt"):
+        c.tasks.get("t")
     (tmp_path / "tasks" / "t.yaml").write_text("name: t\n")
     with pytest.raises(HarnessError, match="missing required key.*builder"):
-        Catalog(suites_dir=tmp_path, baselines_dir=tmp_path)
+        Catalog([tmp_path], builtin=None).task("t", None)
 
 
-def test_suite_naming_an_unknown_task_is_rejected(tmp_path):
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "s.yaml").write_text("name: s\ntasks: [hellaswag]\n")
-    with pytest.raises(HarnessError, match="unknown task 'hellaswag'"):
-        Catalog(suites_dir=tmp_path, baselines_dir=tmp_path)
+def test_suite_naming_an_unknown_task_is_rejected_when_used(tmp_path):
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "s.yaml").write_text("name: s\ntasks: [hellaswag]\n")
+    c = Catalog([tmp_path], builtin=None)
+    assert "s" not in c.suites.names() and "unknown task 'hellaswag'" in c.problems[0]
+    with pytest.raises(HarnessError, match=r"s\.yaml: unknown task 'hellaswag'"):
+        c.expand([], "s")
 
 
 @pytest.mark.parametrize("args, message", [
