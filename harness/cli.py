@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -21,6 +21,17 @@ def progress_bar() -> Progress:
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
 
 
+INCLUDE_HELP = "A folder of user YAML (tasks/, suites/, models/); repeatable. Also $HARNESS_INCLUDE_PATH."
+
+
+def include(paths: list[Path] | None) -> None:
+    """Add ``--include-path`` folders to the catalog before anything is looked up."""
+    if paths:
+        from harness.catalog import add_include_paths
+
+        add_include_paths(list(paths))
+
+
 def split_names(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
@@ -29,7 +40,7 @@ def split_names(text: str | None) -> list[str]:
 def run(
     model: str = typer.Option(..., "--model", help="Model card name, checkpoint directory or hub id."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated task names."),
-    suite: Optional[str] = typer.Option(None, "--suite", help="A suite from suites/ (adds its tasks)."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="A suite (harness ls suites); adds its tasks."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N documents of each task."),
     batch_size: str = typer.Option("16", "--batch-size", help="Requests per batch, or 'auto'."),
     device: str = typer.Option("cpu", "--device"),
@@ -39,8 +50,10 @@ def run(
     output: Path = typer.Option(Path("runs"), "--output", help="Folder for the store and per-run files."),
     model_args: Optional[str] = typer.Option(None, "--model-args", help="k=v,... passed to the backend."),
     allow_code_exec: bool = typer.Option(False, "--allow-code-exec", help="Run generated code in the sandbox."),
+    include_path: Optional[List[Path]] = typer.Option(None, "--include-path", help=INCLUDE_HELP),
 ) -> None:
     """Evaluate a model on tasks; resumes a run started with the same command."""
+    include(include_path)
     from dataclasses import replace
 
     from harness.models.factory import parse_model_args
@@ -100,8 +113,10 @@ def print_results(results: dict) -> None:
 
 @app.command("ls")
 def list_things(what: str = typer.Argument(..., help="tasks | models | suites | runs"),
-                output: Path = typer.Option(Path("runs"), "--output")) -> None:
+                output: Path = typer.Option(Path("runs"), "--output"),
+                include_path: Optional[List[Path]] = typer.Option(None, "--include-path", help=INCLUDE_HELP)) -> None:
     """List registered tasks, models, suites, or the runs in a store."""
+    include(include_path)
     from harness.catalog import catalog
 
     c = catalog()
@@ -134,8 +149,10 @@ def validate(
     batch_size: int = typer.Option(16, "--batch-size"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest allowed |delta log-likelihood|."),
+    include_path: Optional[List[Path]] = typer.Option(None, "--include-path", help=INCLUDE_HELP),
 ) -> None:
     """Score the same examples with lm-eval's HF backend and compare per-example log-likelihoods."""
+    include(include_path)
     from harness.tasks.data import resolve_data_dir
     from harness.validate import validate_against_lm_eval
 

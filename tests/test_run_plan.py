@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 import subprocess
 import sys
 
@@ -96,3 +97,17 @@ def test_a_run_that_fails_midway_is_marked_failed_not_running(tiny_dlm_dir, data
         evaluate(RunConfig(model=str(tiny_dlm_dir), tasks=["piqa"], limit=2, data_dir=data_dir, output=tmp_path))
     [run] = Store(default_store_path(tmp_path)).runs()
     assert run["status"] == "failed"
+
+
+def test_cli_include_path_adds_a_user_task(tiny_llama_dir, data_dir, tmp_path):
+    from harness.catalog import catalog
+
+    tasks = tmp_path / "mine" / "tasks"
+    tasks.mkdir(parents=True)
+    builtin = catalog().tasks.get("piqa")
+    tasks.joinpath("my_piqa.yaml").write_text(Path(builtin.path).read_text().replace("name: piqa", "name: my_piqa"))
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--model", str(tiny_llama_dir), "--tasks",
+                           "my_piqa", "--limit", "2", "--data-dir", str(data_dir), "--output", str(tmp_path / "runs"),
+                           "--include-path", str(tmp_path / "mine")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "my_piqa" in done.stdout

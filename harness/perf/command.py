@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def bench(
-    suite: Optional[str] = typer.Option(None, "--suite", help="A throughput suite from suites/."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="A throughput suite (harness ls suites)."),
     model: Optional[List[str]] = typer.Option(None, "--model", help="Card, directory, hub id or "
                                               "untrained-dlm:BASE; repeat for several."),
     output: Path = typer.Option(Path("runs"), "--output", help="Folder for the store and per-run files."),
@@ -58,8 +58,12 @@ def bench(
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed requests per setting."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: the suite's, else "
                                           "torch's); recorded in the hardware fingerprint."),
+    include_path: Optional[List[Path]] = typer.Option(None, "--include-path", help="A folder of user YAML; repeatable."),
 ) -> None:
     """Measure throughput, latency, memory and MFU over a sweep (a throughput suite or --model)."""
+    from harness.catalog import add_include_paths
+
+    add_include_paths(include_path or [])
     from harness.console import console, out
     from harness.perf.quality import check_quality
     from harness.perf.sweep import bench_model

@@ -64,7 +64,7 @@ def build_sections(store: Store, runs: list[dict[str, Any]], link_runs: bool = F
             section("DLM vs AR", [dlm_vs_ar(cells, known_parents(papers))],
                     "No DLM and AR runs scored the same task the same way."),
             section("Paper reproduction", [table, facts_table(papers)],
-                    "No run matches a published model and task (see baselines/papers)."),
+                    "No run matches a published model and task (see harness/resources/papers)."),
         ]
     if measurements:
         from harness.report.plots import speed_quality_figures

@@ -63,7 +63,7 @@ def dlm_vs_ar(cells: list[Cell], known_parents: dict[str, str]) -> Table:
                  settings=["Δ = DLM − AR on the same task variant; SE(Δ) = √(SE²_DLM + SE²_AR)",
                            "best AR: by the metric's declared direction (the lowest perplexity, the highest "
                            "accuracy); values in the metric's unit (fractions in %)",
-                           "parents: from the run's base_model, else the papers' adaptation pairs (baselines/papers)"],
+                           "parents: from the run's base_model, else the papers' adaptation pairs (harness/resources/papers)"],
                  notes=notes.listing())
 
 

@@ -1,4 +1,4 @@
-"""Published numbers (baselines/papers/*.yaml) and the reproduction view: harness vs paper, cell by cell.
+"""Published numbers (harness/resources/papers/*.yaml) and the reproduction view: harness vs paper, cell by cell.
 
 A paper file maps its row names to harness model cards and its columns to harness tasks and
 metrics; each published cell becomes a ``Reference`` carrying its source and protocol notes.
@@ -258,4 +258,4 @@ def facts_table(papers: list[dict[str, Any]]) -> Table:
         tables = ", ".join(t.get("table", "?") for t in paper.get("tables") or []) or DASH
         facts = " ".join(paper.get("facts") or []) or DASH
         rows.append([f"{paper['paper']} ({paper.get('short', '')})", str(paper["arxiv"]), tables, facts])
-    return Table("Reference sources (baselines/papers)", ["Paper", "arXiv", "Tables as data", "Facts"], rows)
+    return Table("Reference sources (harness/resources/papers)", ["Paper", "arXiv", "Tables as data", "Facts"], rows)

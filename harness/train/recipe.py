@@ -36,13 +36,13 @@ import contextlib
 import json
 import math
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from harness.env import git_sha
 from harness.errors import HarnessError
 from harness.models.loading import load_causal_lm
 from harness.train.checkpoints import (DIFFUSION_CONFIG, TMP_PREFIX, TRAINER_STATE, TRASH_PREFIX, checkpoint_step,
@@ -86,15 +86,6 @@ def add_mask_token(model, tokenizer) -> int:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.config.mask_token_id = mask_id
     return mask_id
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
