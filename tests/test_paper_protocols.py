@@ -232,3 +232,48 @@ def test_canvas_length_fills_what_the_prompt_leaves_at_every_stage(tiny_dlm_dir)
     canvas = len(lm.start(lm.encode(prompt))) + 5
     [one] = lm.generate([GenerateRequest(prompt, 99, gen_kwargs={"canvas_length": canvas})])
     assert one.extra["steps"] == 5  # one step per filled token by default: 5 = canvas - prompt
+
+
+# ---- logits only where they are read -------------------------------------------------------------
+def test_logits_at_positions_equal_the_full_logits(tiny_dlm_dir):
+    from harness.models.factory import build_model
+
+    lm = build_model(str(tiny_dlm_dir))
+    ids = torch.tensor([[1, 5, 7, lm.denoiser.mask_id, 9, 4], [2, 6, lm.denoiser.mask_id, 3, 0, 0]])
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    full = lm.denoise(ids, mask)
+    positions = torch.tensor([[0, 3, 4], [2, 3, 3]])
+    picked = lm.denoise(ids, mask, positions=positions)
+    expected = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
+    assert picked.shape == (2, 3, full.shape[-1]) and torch.allclose(picked, expected, atol=1e-5)
+
+
+def test_estimates_and_samples_unchanged_by_reading_logits_only_where_needed(tiny_dlm_dir):
+    """The backend's denoiser takes positions; wrapping it so that it does not (the whole sequence
+    through the head, then gathered) must give the same numbers."""
+    from harness.models.base import GenerateRequest, LoglikelihoodRequest as Request
+    from harness.models.factory import build_model
+
+    fast = build_model(str(tiny_dlm_dir), model_args={"samples": 6, "sampler": "llada", "steps": 4})
+    slow = build_model(str(tiny_dlm_dir), model_args={"samples": 6, "sampler": "llada", "steps": 4})
+    whole = slow.denoise
+    slow.denoise = lambda ids, mask: whole(ids, mask)  # no positions: the full head, then gathered
+    requests = [Request("The quick brown", " fox jumps"), Request("Answer:", " yes")]
+    for a, b in zip(fast.loglikelihood(requests), slow.loglikelihood(requests)):
+        assert abs(a.logprob - b.logprob) < 1e-4 and a.is_greedy == b.is_greedy
+    prompt = [GenerateRequest("The quick brown", 6)]
+    assert fast.generate(prompt)[0].text == slow.generate(prompt)[0].text
+
+
+def test_bidirectional_module_reads_logits_at_positions_only():
+    from harness.models.diffusion.bidirectional import BidirectionalConfig, BidirectionalLM
+
+    torch.manual_seed(0)
+    model = BidirectionalLM(BidirectionalConfig(vocab_size=40, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                intermediate_size=64)).eval()
+    ids = torch.randint(0, 40, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    positions = torch.tensor([[6, 0, 3], [4, 4, 1]])
+    with torch.no_grad():
+        full, picked = model(ids, mask), model(ids, mask, positions=positions)
+    assert torch.allclose(picked, full.gather(1, positions[..., None].expand(-1, -1, 40)), atol=1e-5)

@@ -86,13 +86,23 @@ class DiffusionLM(LanguageModel):
 
     # ---- the aligned denoiser -------------------------------------------------------------
     @torch.no_grad()
-    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits at position i predict token i, for shifted and unshifted models alike."""
+    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at position i predict token i, for shifted and unshifted models alike; with
+        ``positions`` [B, P], only there ([B, P, V]: the head runs nowhere else)."""
         self.forward_passes += 1
-        logits = self.denoiser.model(input_ids.to(self.device), attention_mask.to(self.device))
-        if self.denoiser.shifted:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+        model, ids, mask = self.denoiser.model, input_ids.to(self.device), attention_mask.to(self.device)
+        if positions is None:
+            logits = model(ids, mask)
+            return torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if self.denoiser.shifted else logits
+        read = (positions - 1).clamp(min=0) if self.denoiser.shifted else positions  # shifted: i from i - 1
+        read = read.to(self.device)
+        if getattr(model, "takes_positions", False):
+            return model(ids, mask, positions=read)
+        logits = model(ids, mask)
+        return logits.gather(1, read[..., None].expand(-1, -1, logits.shape[-1]))
+
+    denoise.takes_positions = True  # type: ignore[attr-defined]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

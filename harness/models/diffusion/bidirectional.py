@@ -140,16 +140,21 @@ class BidirectionalLM(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    takes_positions = True  # forward(..., positions=[B, P]) applies the head at those positions only
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         keep = attention_mask.bool()
         # Real tokens take positions 0, 1, ... whichever side the padding is on.
-        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = (keep.long().cumsum(-1) - 1).clamp(min=0)
         x = self.embed(input_ids)
-        cos, sin = rope_tables(self.config, positions)
+        cos, sin = rope_tables(self.config, position_ids)
         bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
         bias = bias.masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]
         for layer in self.layers:
             x = layer(x, cos, sin, bias)
+        if positions is not None:
+            x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
         return self.head(self.norm(x))

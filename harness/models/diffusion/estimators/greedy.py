@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from harness.models.diffusion.estimators.common import Denoiser, LikelihoodRequest
-from harness.models.diffusion.estimators.scoring import guided_logprobs, right_pad
+from harness.models.diffusion.estimators.scoring import guided_logprobs, logits_at, right_pad, span_positions
 
 GREEDY_CHECKS = ("parallel", "sequential")
 
@@ -45,12 +45,13 @@ def sequential_greedy(
             inputs = [states[r] for r in chunk]
             if cfg_scale:
                 inputs += [[mask_id] * starts[r] + states[r][starts[r]:] for r in chunk]
-            logits = denoise(*right_pad(inputs, mask_id))
+            spans = [(starts[r], len(states[r])) for r in chunk]
+            logits = logits_at(denoise, *right_pad(inputs, mask_id), span_positions(spans * copies))
             for j, r in enumerate(chunk):
-                span = slice(starts[r], len(states[r]))
-                uncond = logits[j + len(chunk), span] if cfg_scale else None
-                logp = guided_logprobs(logits[j, span], uncond, cfg_scale)
-                masked = torch.tensor(states[r][span], device=logp.device) == mask_id
+                n = len(states[r]) - starts[r]
+                uncond = logits[j + len(chunk), :n] if cfg_scale else None
+                logp = guided_logprobs(logits[j, :n], uncond, cfg_scale)
+                masked = torch.tensor(states[r][starts[r]:], device=logp.device) == mask_id
                 if not masked.any():
                     continue
                 confidence, tokens = logp.max(-1)

@@ -38,6 +38,25 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return ids, attention
 
 
+def span_positions(spans: Sequence[tuple[int, int]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """LongTensor [B, P]: row b's positions start_b .. stop_b - 1, padded by repeating its last one."""
+    width = max(max(stop - start for start, stop in spans), 1)
+    rows = [list(range(start, stop)) or [start] for start, stop in spans]
+    return torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def logits_at(denoise: Denoiser, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
+    """Logits [B, P, V] at ``positions`` [B, P] only. A denoiser that takes ``positions`` applies
+    its head there alone (the head never runs where nothing is read); any other callable is run
+    whole and its logits gathered, with the same values."""
+    if getattr(denoise, "takes_positions", False):
+        return denoise(input_ids, attention_mask, positions=positions)
+    logits = denoise(input_ids, attention_mask)
+    index = positions.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1])
+    return logits.gather(1, index)
+
+
 def score_rows(
     denoise: Denoiser, rows: Sequence[Row], *, mask_id: int, batch_size: int, cfg_scale: float
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -64,9 +83,10 @@ def score_rows(
         inputs = [list(row.context_ids) + cont for row, cont in zip(chunk, continuations)]
         if cfg_scale:
             inputs += [[mask_id] * len(row.context_ids) + cont for row, cont in zip(chunk, continuations)]
-        logits = denoise(*right_pad(inputs, mask_id))
+        spans = [(len(row.context_ids), len(row.context_ids) + len(row.continuation_ids)) for row in chunk]
+        logits = logits_at(denoise, *right_pad(inputs, mask_id), span_positions(spans * copies))
         for j, (r, row) in enumerate(zip(order[start : start + per_call], chunk)):
-            span = slice(len(row.context_ids), len(row.context_ids) + len(row.continuation_ids))
+            span = slice(0, len(row.continuation_ids))
             uncond = logits[j + len(chunk), span] if cfg_scale else None
             logp = guided_logprobs(logits[j, span], uncond, cfg_scale)
             target = torch.as_tensor(row.continuation_ids, dtype=torch.long, device=logp.device)

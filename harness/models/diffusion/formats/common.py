@@ -33,17 +33,25 @@ class FullAttention(nn.Module):
     the causal mask; real tokens take positions 0, 1, ... whichever side the padding is on.
     """
 
+    takes_positions = True  # forward(..., positions=[B, P]) applies the head at those positions only
+
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         dtype, n = self.lm.dtype, input_ids.shape[1]
         bias = torch.zeros(keep.shape, dtype=dtype, device=input_ids.device)
         bias = bias.masked_fill(~keep, torch.finfo(dtype).min)[:, None, None, :].expand(-1, 1, n, n)
-        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
-        return self.lm(input_ids=input_ids, attention_mask=bias, position_ids=positions, use_cache=False).logits
+        position_ids = (keep.long().cumsum(-1) - 1).clamp(min=0)
+        if positions is None:
+            return self.lm(input_ids=input_ids, attention_mask=bias, position_ids=position_ids, use_cache=False).logits
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=bias, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state
+        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self.lm.get_output_embeddings()(picked)
 
 
 # --- models

@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from harness.models.diffusion.estimators import Denoiser, guided_logprobs, right_pad, seeded_generator
+from harness.models.diffusion.estimators.scoring import logits_at, span_positions
 from harness.registry import Registry
 
 
@@ -76,14 +77,16 @@ class Canvas:
             for row in range(len(self.sizes)):
                 uncond[row, self.region(row)] = ids[row, self.region(row)]
             ids, attention = torch.cat([ids, uncond]), torch.cat([attention, attention])
-        logits = denoise(ids, attention)
+        spans = [(self.starts[row], self.starts[row] + self.sizes[row]) for row in range(len(self.sizes))]
+        logits = logits_at(denoise, ids, attention, span_positions(spans * (2 if cfg_scale else 1)))
         self.calls += 1
         if not self.generators:
             self.generators = [seeded_generator(self.seed, key, logits.device) for key in self.keys]
         batch, logps = len(self.sizes), {}
         for row in rows:
-            uncond = logits[row + batch, self.region(row)] if cfg_scale else None
-            logp = guided_logprobs(logits[row, self.region(row)], uncond, cfg_scale)
+            region = slice(0, self.sizes[row])
+            uncond = logits[row + batch, region] if cfg_scale else None
+            logp = guided_logprobs(logits[row, region], uncond, cfg_scale)
             if not propose_mask and self.mask_id < logp.shape[-1]:  # never propose the mask token
                 logp = logp.index_fill(-1, torch.tensor([self.mask_id], device=logp.device), -torch.inf)
                 logp = logp.log_softmax(-1)
