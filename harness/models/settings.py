@@ -42,6 +42,12 @@ def _number(kind: type, low: float | None = None, high: float | None = None, *, 
     return check
 
 
+def _flag(name: str, value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise HarnessError(f"{name} must be true or false, not {value!r}")
+    return value
+
+
 def _text(name: str, value: Any) -> Any:
     if value is not None and not isinstance(value, str):
         raise HarnessError(f"{name} must be a string, not {value!r}")
@@ -92,7 +98,15 @@ class EstimatorSettings:
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How a diffusion model generates and infills (``harness.models.diffusion.samplers``)."""
+    """How a diffusion model generates and infills (``harness.models.diffusion.samplers``).
+
+    ``threshold`` / ``factor``: the ``threshold`` sampler's rules (a factor replaces the threshold);
+    ``gamma``: the ``entropy_bounded`` sampler's entropy bound in nats (0.1: the bound DiffusionGemma
+    ships, diffusers' ``EntropyBoundScheduler`` default). ``eos_stop``, ``logits_eos_inf`` and
+    ``confidence_eos_eot_inf``: the block samplers' EOS options (``samplers.common.EosOptions``),
+    off by default, which is each sampler as published; the sampler takes the EOS/EOT ids from the
+    backend.
+    """
 
     name: str = "llada"
     steps: int | None = None
@@ -100,16 +114,38 @@ class SamplerSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     threshold: float = 0.9
+    factor: float | None = None
+    gamma: float = 0.1
     remasking: str = "low_confidence"
     cfg_scale: float = 0.0
+    eos_stop: bool = False
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
 
     def __post_init__(self) -> None:
         validated(self, {"name": _choice(_samplers), "steps": _number(int, 1, optional=True),
                          "block_length": _number(int, 1, optional=True), "temperature": _number(float, 0),
                          "top_p": _number(float, 0, 1, open_low=True), "threshold": _number(float, 0, 1),
-                         "remasking": _choice(_remasking), "cfg_scale": _number(float, 0)})
+                         "factor": _number(float, 0, optional=True, open_low=True), "gamma": _number(float, 0),
+                         "remasking": _choice(_remasking), "cfg_scale": _number(float, 0), "eos_stop": _flag,
+                         "logits_eos_inf": _flag, "confidence_eos_eot_inf": _flag})
 
 
+@dataclass(frozen=True)
+class CacheSettings:
+    """Key/value caching for block decoding (``harness.models.diffusion.cache``): ``none``
+    recomputes the whole sequence every step; ``prefix`` (Fast-dLLM) reuses the keys and values of
+    everything before the current block; ``dual`` also those after it. ``refresh``: steps between
+    full passes (None: only when a row enters a new block; 1: every step, which is ``none``)."""
+
+    mode: str = "none"
+    refresh: int | None = None
+
+    def __post_init__(self) -> None:
+        validated(self, {"mode": _choice(lambda: CACHE_MODES), "refresh": _number(int, 1, optional=True)})
+
+
+CACHE_MODES = ("none", "prefix", "dual")
 START_TOKENS = ("bos", "none")
 LOAD_KEYS = ("format", "mask_id", "tokenizer", "config", "rope_cache_dtype")
 
@@ -120,6 +156,7 @@ class DiffusionSettings:
 
     estimator: EstimatorSettings = field(default_factory=EstimatorSettings)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     start_token: str = "bos"  # bos: the tokenizer's BOS (else EOS) | none (DiffuGPT's GPT-2 contexts)
     base_model: str | None = None
     load: dict[str, Any] = field(default_factory=dict)  # checkpoint loading: LOAD_KEYS
@@ -144,8 +181,11 @@ class ARSettings:
 ESTIMATOR_ARGS = {"estimator": "method", "samples": "samples", "eps": "eps", "cfg_scale": "cfg_scale",
                   "greedy": "greedy"}
 SAMPLER_ARGS = {"sampler": "name", "steps": "steps", "block_length": "block_length", "temperature": "temperature",
-                "top_p": "top_p", "threshold": "threshold", "remasking": "remasking", "cfg_scale": "cfg_scale"}
-DIFFUSION_ARGS = sorted({*ESTIMATOR_ARGS, *SAMPLER_ARGS, "start_token", "base_model", *LOAD_KEYS})
+                "top_p": "top_p", "threshold": "threshold", "factor": "factor", "gamma": "gamma",
+                "remasking": "remasking", "cfg_scale": "cfg_scale", "eos_stop": "eos_stop",
+                "logits_eos_inf": "logits_eos_inf", "confidence_eos_eot_inf": "confidence_eos_eot_inf"}
+CACHE_ARGS = {"cache": "mode", "refresh": "refresh"}
+DIFFUSION_ARGS = sorted({*ESTIMATOR_ARGS, *SAMPLER_ARGS, *CACHE_ARGS, "start_token", "base_model", *LOAD_KEYS})
 AR_ARGS = sorted(f.name for f in fields(ARSettings))
 
 
@@ -162,6 +202,7 @@ def diffusion_settings(args: dict[str, Any]) -> DiffusionSettings:
     return DiffusionSettings(
         estimator=EstimatorSettings(**{f: args[a] for a, f in ESTIMATOR_ARGS.items() if a in args}),
         sampler=SamplerSettings(**{f: args[a] for a, f in SAMPLER_ARGS.items() if a in args}),
+        cache=CacheSettings(**{f: args[a] for a, f in CACHE_ARGS.items() if a in args}),
         start_token=args.get("start_token", "bos"), base_model=args.get("base_model"),
         load={k: args[k] for k in LOAD_KEYS if k in args})
 

@@ -40,7 +40,7 @@ class DiffusionLM(LanguageModel):
         self.rows_per_call = size
         self.denoiser, self.name, self.dtype, self.device = denoiser, name, dtype, device
         self.tokenizer = denoiser.tokenizer
-        self.estimator, self.sampler = settings.estimator, settings.sampler
+        self.estimator, self.sampler, self.cache = settings.estimator, settings.sampler, settings.cache
         bos = self.tokenizer.bos_token_id
         self.prefix_token = bos if bos is not None else self.tokenizer.eos_token_id
         self.start_token = settings.start_token
@@ -81,7 +81,8 @@ class DiffusionLM(LanguageModel):
                 "base_model": self.base_model,
                 "kind": "shifted" if d.shifted else "unshifted", "mask_id": d.mask_id, "dtype": self.dtype,
                 "device": self.device, "batch_size": self.rows_per_call, "estimator": asdict(self.estimator),
-                "sampler": asdict(self.sampler), "seed": self.seed, "start_token": self.start_token,
+                "sampler": asdict(self.sampler), "cache": asdict(self.cache), "seed": self.seed,
+                "start_token": self.start_token,
                 **({"load": d.settings} if getattr(d, "settings", None) else {})}
 
     # ---- the aligned denoiser -------------------------------------------------------------
@@ -222,6 +223,13 @@ class DiffusionLM(LanguageModel):
             fills[m] = FillRequest(context, n_tokens, fills[m].suffix_ids, fills[m].key + ":stage")
         return fills
 
+    def block_cache(self, fills: Sequence[FillRequest], settings: SamplerSettings):
+        """The caching denoiser for one batch of canvases (``harness.models.diffusion.cache``)."""
+        from harness.models.diffusion.cache import BlockCache
+
+        return BlockCache(self.denoiser.model, shifted=self.denoiser.shifted, mask_id=self.denoiser.mask_id,
+                          fills=fills, block_length=settings.block_length, settings=self.cache)
+
     def fill(self, fills: Sequence[FillRequest], settings: SamplerSettings | None = None) -> list[GenerationResult]:
         """Sample token-level canvases as they are (no EOS cut, no stop strings): what the
         throughput bench times. ``settings``: the sampler settings to use (default the model's)."""
@@ -237,7 +245,8 @@ class DiffusionLM(LanguageModel):
         for start in range(0, len(fills), self.rows_per_call):
             batch = fills[start:start + self.rows_per_call]
             began = time.perf_counter()
-            result = sample(self.denoise, batch, mask_id=self.denoiser.mask_id, seed=self.seed, **kwargs)
+            denoise = self.denoise if self.cache.mode == "none" else self.block_cache(batch, settings)
+            result = sample(denoise, batch, mask_id=self.denoiser.mask_id, seed=self.seed, **kwargs)
             latency = time.perf_counter() - began
             for tokens, until in zip(result.tokens, stops[start:start + self.rows_per_call]):
                 if stop_at_eos and eos in tokens:

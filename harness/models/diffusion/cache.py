@@ -1,0 +1,110 @@
+"""Key/value caches for semi-autoregressive block decoding of full-attention masked DLMs (Fast-dLLM).
+
+``BlockCache`` is a denoiser callable (the samplers' ``denoise(input_ids, attention_mask,
+positions)``) that a sampler uses unchanged. Each call finds every row's current block: the block
+(of ``block_length`` fill tokens; default the whole fill) that holds its first still-masked position.
+
+* A **full pass** runs over the whole sequence and keeps every layer's keys and values. It happens
+  on the first call, whenever a row has moved to a new block, and every ``refresh`` calls.
+* A **cached pass** runs only the query positions and lets them attend to the kept keys and
+  values of every other real position: with ``prefix`` the queries are the current block and
+  everything after it; with ``dual`` the current block alone. For a shifted model the query range
+  starts one position earlier, since position i's logits come from the output at i - 1.
+
+For full-attention models a cache is an approximation: the kept keys and values were computed
+when the block was more masked than it is now. ``refresh=1`` makes every pass a full one, which is
+``cache=none`` exactly. Logits asked for outside the queries (positions a sampler does not read in
+block decoding) are those of the last full pass.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from harness.models.diffusion.samplers.common import FillRequest, block_bounds
+from harness.models.settings import CacheSettings
+
+
+class BlockCache:
+    takes_positions = True
+
+    def __init__(self, model, *, shifted: bool, mask_id: int, fills: Sequence[FillRequest],
+                 block_length: int | None, settings: CacheSettings) -> None:
+        if not hasattr(model, "forward_cached"):
+            from harness.errors import HarnessError
+            raise HarnessError(f"cache={settings.mode} needs a transformers-backed denoiser; "
+                               f"{type(model).__name__} has no cached forward")
+        self.model, self.shifted, self.mask_id, self.settings = model, shifted, mask_id, settings
+        self.starts = [len(f.prefix_ids) for f in fills]
+        self.bounds = [block_bounds(f.n_tokens, block_length) for f in fills]
+        self.kv: list | None = None
+        self.blocks: list[tuple[int, int]] | None = None
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # positions and logits of the last full pass
+        self.since_full = 0
+        self.full_passes = self.cached_passes = 0
+
+    def current_blocks(self, ids: torch.Tensor) -> list[tuple[int, int]]:
+        """Per row: absolute [start, stop) of the block holding its first masked fill position."""
+        out = []
+        for row in range(ids.shape[0]):
+            b = row % len(self.starts)
+            start, bounds = self.starts[b], self.bounds[b]
+            size = bounds[-1][1] if bounds else 0
+            masked = (ids[row, start:start + size] == self.mask_id).nonzero()
+            first = int(masked[0]) if len(masked) else max(size - 1, 0)
+            lo, hi = next(((lo, hi) for lo, hi in bounds if hi > first), (0, 0))
+            out.append((start + lo, start + hi))
+        return out
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        ids, mask, positions = input_ids.to(device), attention_mask.to(device), positions.to(device)
+        read = (positions - 1).clamp(min=0) if self.shifted else positions
+        blocks = self.current_blocks(ids)
+        refresh = self.settings.refresh
+        if (self.settings.mode == "none" or self.kv is None or blocks != self.blocks
+                or (refresh is not None and self.since_full >= refresh)
+                or self.last is None or self.last[0].shape != positions.shape):
+            logits, self.kv = self.model(ids, mask, read, return_kv=True)
+            self.blocks, self.last, self.since_full = blocks, (positions, logits), 1
+            self.full_passes += 1
+            return logits
+        self.since_full += 1
+        self.cached_passes += 1
+        return self.cached(ids, mask, read, blocks)
+
+    def query_ranges(self, mask: torch.Tensor, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        lengths = mask.sum(1).tolist()
+        shift = 1 if self.shifted else 0
+        ranges = []
+        for (start, stop), length in zip(blocks, lengths):
+            lo = max(start - shift, 0)
+            hi = length if self.settings.mode == "prefix" else max(min(stop - shift, length), lo + 1)
+            ranges.append((lo, max(hi, lo + 1)))
+        return ranges
+
+    def cached(self, ids: torch.Tensor, mask: torch.Tensor, read: torch.Tensor,
+               blocks: list[tuple[int, int]]) -> torch.Tensor:
+        """A cached pass (see the module docstring); reads outside the queries keep the last full pass's logits."""
+        ranges = self.query_ranges(mask, blocks)
+        width = max(hi - lo for lo, hi in ranges)
+        offsets = torch.arange(width, device=ids.device)
+        lows = torch.tensor([lo for lo, _ in ranges], device=ids.device)
+        highs = torch.tensor([hi for _, hi in ranges], device=ids.device)
+        query_keep = offsets[None, :] < (highs - lows)[:, None]
+        query_idx = torch.minimum(lows[:, None] + offsets[None, :], highs[:, None] - 1)
+        positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+        in_query = (positions >= lows[:, None]) & (positions < highs[:, None])
+        keyed = mask.bool() & ~in_query
+        count = int(keyed.sum(1).max())
+        order = torch.sort((~keyed).to(torch.int8), dim=1, stable=True).indices[:, :max(count, 1)]
+        key_keep = keyed.gather(1, order)
+        index = order[:, None, :, None]
+        kv = [(k.gather(2, index.expand(-1, k.shape[1], -1, k.shape[3])),
+               v.gather(2, index.expand(-1, v.shape[1], -1, v.shape[3]))) for k, v in self.kv]
+        inside = (read >= lows[:, None]) & (read < highs[:, None])
+        local = (read - lows[:, None]).clamp(min=0).minimum(highs[:, None] - lows[:, None] - 1)
+        fresh = self.model(ids.gather(1, query_idx), None, local, cache=(kv, key_keep, query_idx, query_keep))
+        return torch.where(inside[..., None], fresh, self.last[1])
