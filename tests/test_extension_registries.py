@@ -31,8 +31,8 @@ def scratch(monkeypatch):
 def test_the_registries_list_the_built_in_extensions():
     assert list(FORMATS) == ["diffugpt", "diffullama", "smdm", "llada", "harness"]
     assert list(ESTIMATORS) == ["mc_time", "mc_count", "paper_grid", "paper_grid_forced", "chain_rule"]
-    assert list(SAMPLERS) == ["diffugpt", "llada", "threshold"]
-    assert METHODS is ESTIMATORS and ", ".join(SAMPLERS) == "diffugpt, llada, threshold"
+    assert list(SAMPLERS) == ["diffugpt", "llada", "threshold", "entropy_bounded"]
+    assert METHODS is ESTIMATORS and ", ".join(SAMPLERS) == "diffugpt, llada, threshold, entropy_bounded"
 
 
 def test_a_registered_sampler_is_found(scratch):

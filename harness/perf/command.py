@@ -32,7 +32,7 @@ from rich.table import Table
 from harness.errors import HarnessError
 
 DEFAULTS: dict[str, Any] = {
-    "models": [], "ar_modes": ["kv_cache", "no_cache"], "samplers": ["llada", "diffugpt", "threshold"],
+    "models": [], "ar_modes": ["kv_cache", "no_cache"], "samplers": ["llada", "diffugpt", "threshold"], "caches": ["none"],
     "gen_length": [64], "steps": [16, 64], "batch_size": [1], "prompt_length": [64], "grid": "axes",
     "repeats": 3, "warmup": 1, "threads": None, "quality": None,
 }
@@ -52,7 +52,8 @@ def bench(
     steps: Optional[str] = typer.Option(None, "--steps", help="Comma-separated diffusion steps."),
     batch_size: Optional[str] = typer.Option(None, "--batch-size", help="Comma-separated batch sizes."),
     prompt_length: Optional[str] = typer.Option(None, "--prompt-length", help="Comma-separated prompt lengths."),
-    samplers: Optional[str] = typer.Option(None, "--samplers", help="llada,diffugpt,threshold"),
+    samplers: Optional[str] = typer.Option(None, "--samplers", help="llada,diffugpt,threshold,entropy_bounded"),
+    caches: Optional[str] = typer.Option(None, "--caches", help="DLM key/value caches: none,prefix,dual"),
     ar_modes: Optional[str] = typer.Option(None, "--ar-modes", help="kv_cache,no_cache,vllm"),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed requests per setting."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed requests per setting."),
@@ -72,7 +73,7 @@ def bench(
     from harness.tasks.data import resolve_data_dir
 
     overrides = {"gen_length": _ints(gen_length), "steps": _ints(steps), "batch_size": _ints(batch_size),
-                 "prompt_length": _ints(prompt_length), "samplers": _names(samplers), "ar_modes": _names(ar_modes),
+                 "prompt_length": _ints(prompt_length), "samplers": _names(samplers), "caches": _names(caches), "ar_modes": _names(ar_modes),
                  "repeats": repeats, "warmup": warmup, "threads": threads, "models": list(model) if model else None}
     options = bench_options(suite, {k: v for k, v in overrides.items() if v is not None})
     if not options["models"]:
@@ -129,15 +130,16 @@ def results_table(run_id: str, records: list[dict[str, Any]]) -> Table:
     from harness.perf.throughput import Setting
 
     table = Table(title=run_id, box=box.SIMPLE_HEAD, pad_edge=False)
-    columns = ["variant", "setting", "tok/s", "p50 s", "p95 s", "1st s", "NFE", "MiB", "MFU", "BW"]
+    columns = ["variant", "setting", "tok/s", "p50 s", "p95 s", "1st s", "NFE", "TPF", "MiB", "MFU", "BW"]
     with_quality = any(r.get("quality") for r in records)
     for column in columns + ["quality"] * with_quality:
         table.add_column(column, justify="left" if column in ("variant", "setting") else "right", no_wrap=True)
     for r in records:
         numbers = (r["tokens_per_s"], r["latency_s"]["p50"], r["latency_s"]["p95"], r["first_token_s"]["p50"],
-                   r["nfe"], r["peak_memory_bytes"] / 2**20, r["mfu"], r["bandwidth_fraction"])
+                   r["nfe"], r.get("tpf", float("nan")), r["peak_memory_bytes"] / 2**20, r["mfu"], r["bandwidth_fraction"])
         row = [r["variant"], Setting(**r["setting"]).label(),
-               *(format(x, spec) for x, spec in zip(numbers, (".1f", ".3f", ".3f", ".3f", "g", ".0f", ".3f", ".3f")))]
+               *(format(x, spec) for x, spec in zip(numbers, (".1f", ".3f", ".3f", ".3f", "g", ".2f", ".0f", ".3f",
+                                                              ".3f")))]
         if with_quality:
             row.append(f"{r['quality']['value']:.3f}" if r.get("quality") else "")
         table.add_row(*row)

@@ -27,7 +27,7 @@ def build_variants(lm, options: dict[str, Any], *, device: str, seed: int, log: 
     from harness.perf.throughput import dlm_variants, hf_variants
 
     if lm.is_diffusion:
-        return dlm_variants(lm, options["samplers"])
+        return dlm_variants(lm, options["samplers"], options["caches"])
     variants = hf_variants(lm, [m for m in options["ar_modes"] if m != "vllm"])
     if "vllm" in options["ar_modes"]:
         from harness.perf.vllm_ar import unavailable, vllm_variant

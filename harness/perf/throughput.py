@@ -2,21 +2,28 @@
 
 Variants: ``kv_cache`` and ``no_cache`` (Hugging Face ``generate``, greedy, ``use_cache`` on or
 off, exactly ``gen_length`` new tokens through ``min_new_tokens``), ``vllm`` (see ``vllm_ar``), and
-one per diffusion sampler (``llada``, ``diffugpt``, ``threshold``) whose canvas is the prompt
-followed by ``gen_length`` masks. A request is one batch of ``batch_size`` prompts.
+one per diffusion sampler (``llada``, ``diffugpt``, ``threshold``, ``entropy_bounded``) whose
+canvas is the prompt followed by ``gen_length`` masks, sampled as the backend's ``fill`` does (the
+backend's sampler settings, no stop strings). A request is one batch of ``batch_size`` prompts.
 
 Per setting: ``warmup`` untimed requests, then ``repeats`` first-token calls and ``repeats``
 requests, each timed between device synchronisations. A record holds:
 
-* ``tokens_per_s``: generated tokens / wall time of the timed requests. Only generated,
-  non-padding tokens count, never prompt tokens: an AR row counts its new tokens up to and
-  including its first EOS (``min_new_tokens`` makes that ``gen_length``); a DLM row counts the
-  ``gen_length`` positions of its fill region (canvas padding lies outside it).
+* ``generated_tokens``: per request, the generated tokens of its rows. A row's generated tokens
+  are its new tokens up to and including its first EOS (all ``gen_length`` of them without one);
+  what follows an EOS is padding and never counts, nor do prompt tokens or canvas padding. AR
+  rows cannot stop early (``min_new_tokens``), so they count ``gen_length``; a DLM row counts its
+  fill region up to its first EOS.
+* ``tokens_per_s``: generated tokens / wall time of the timed requests.
+* ``tpf`` (tokens per forward): ``generated_tokens`` / (``nfe`` x ``batch_size``): the tokens a
+  row gets from one forward pass. An AR row gets one token a forward (1.0); a DLM row gets its
+  generated tokens / denoiser calls.
 * ``latency_s``: p50/p95/mean of the request wall time. ``first_token_s``: AR: the prefill and
   the first new token (a one-token ``generate`` call); DLM: one denoiser call on the full canvas
   (the first step).
-* ``nfe``: model forward calls per request; ``processed_tokens``: the input positions those
-  calls ran over (padding included), both counted by a hook on the model.
+* ``nfe``: model forward calls per request (a call runs the whole batch; a guided DLM call runs
+  each row twice and still counts once); ``processed_tokens``: the input positions those calls
+  ran over (padding included), both counted by a hook on the model.
 * ``peak_memory_bytes`` / ``peak_memory_source``: see ``timing.PeakMemory``.
 * ``mfu``: 2 x params x processed tokens / time / ``peak_flops``. With a KV cache that is
   prompt + gen - 1 positions a row, without one every step reruns the sequence, and every DLM
@@ -119,6 +126,14 @@ def count_generated(new_tokens: torch.Tensor, eos_id: int | None) -> int:
     return int(((eos.cumsum(1) - eos) == 0).sum())
 
 
+def fill_counted(lm, fills: list[FillRequest]) -> int:
+    """Sample ``fills`` with the backend's ``fill``; the generated tokens of the rows: each row's fill
+    region (``extra["tokens"]``) up to and including its first EOS."""
+    eos = lm.tokenizer.eos_token_id
+    rows = [r.extra["tokens"] for r in lm.fill(fills)]
+    return sum(tokens.index(eos) + 1 if eos in tokens else len(tokens) for tokens in rows)
+
+
 def hf_variants(lm, modes: Sequence[str]) -> list[Variant]:
     """``kv_cache`` / ``no_cache`` variants of an ``HFCausalLM``."""
     model, tok = lm.model, lm.tokenizer
@@ -143,34 +158,42 @@ def hf_variants(lm, modes: Sequence[str]) -> list[Variant]:
     return variants
 
 
-def dlm_variants(lm, samplers: Sequence[str]) -> list[Variant]:
-    """One variant per sampler of a ``DiffusionLM``; each sets the backend's sampler before it runs."""
+def dlm_variants(lm, samplers: Sequence[str], caches: Sequence[str] = ("none",)) -> list[Variant]:
+    """One variant per sampler and cache mode of a ``DiffusionLM`` (named ``sampler`` or
+    ``sampler+cache``); each sets the backend's sampler and cache before it runs."""
     from harness.models.diffusion.samplers import SAMPLERS
 
     mask = lm.denoiser.mask_id
     params, weight_bytes = weights_of(lm.denoiser.model)
 
-    def configure(setting: Setting, sampler: str) -> None:
+    def configure(setting: Setting, sampler: str, cache: str) -> None:
         lm.use_sampler(name=sampler, steps=setting.steps)
+        lm.use_cache(cache)
 
-    def run(prompts: list[list[int]], setting: Setting, sampler: str) -> int:
+    def run(prompts: list[list[int]], setting: Setting, sampler: str, cache: str) -> int:
         if len(prompts) > lm.rows_per_call:
             raise HarnessError(f"batch {len(prompts)} exceeds the backend's {lm.rows_per_call} rows a call")
-        configure(setting, sampler)
-        fills = [FillRequest(p, setting.gen_length, (), str(i)) for i, p in enumerate(prompts)]
-        return sum(r.n_tokens for r in lm.fill(fills))
+        configure(setting, sampler, cache)
+        return fill_counted(lm, [FillRequest(p, setting.gen_length, (), str(i)) for i, p in enumerate(prompts)])
 
     def first(prompts: list[list[int]], setting: Setting) -> Any:
         return lm.denoise(*right_pad([p + [mask] * setting.gen_length for p in prompts], mask))
+
+    def describe(setting: Setting, sampler: str, cache: str) -> dict[str, Any]:
+        return {**lm.fingerprint, "sampler": {**asdict(lm.sampler), "name": sampler, "steps": setting.steps},
+                "cache": {**asdict(lm.cache), "mode": cache}}
 
     variants = []
     for sampler in samplers:
         if sampler not in SAMPLERS:
             raise HarnessError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
-        variants.append(Variant(
-            sampler, "diffusion", run=lambda p, s, n=sampler: run(p, s, n), first=first, params=params,
-            weight_bytes=weight_bytes, module=lm.denoiser.model, configure=lambda s, n=sampler: configure(s, n),
-            describe=lambda s, n=sampler: {**lm.fingerprint, "sampler": {**asdict(lm.sampler), "name": n, "steps": s.steps}}))
+        for cache in caches:
+            variants.append(Variant(
+                sampler if cache == "none" else f"{sampler}+{cache}", "diffusion",
+                run=lambda p, s, n=sampler, c=cache: run(p, s, n, c), first=first, params=params,
+                weight_bytes=weight_bytes, module=lm.denoiser.model,
+                configure=lambda s, n=sampler, c=cache: configure(s, n, c),
+                describe=lambda s, n=sampler, c=cache: describe(s, n, c)))
     return variants
 
 
@@ -209,11 +232,13 @@ def measure(variant: Variant, setting: Setting, prompts: list[list[int]], *, dev
                         else variant.counts(setting))
     per_request = sum(latencies) / repeats
     flops = 2 * variant.params * positions
+    row_forwards = calls * len(prompts)
     return {
         "variant": variant.name, "backend": variant.backend, "setting": asdict(setting),
         "fingerprint": variant.describe(setting),
         "repeats": repeats, "warmup": warmup, "generated_tokens": tokens / repeats,
-        "tokens_per_s": tokens / sum(latencies), "latency_s": summary(latencies), "first_token_s": summary(first),
+        "tokens_per_s": tokens / sum(latencies), "tpf": tokens / repeats / row_forwards if row_forwards else None,
+        "latency_s": summary(latencies), "first_token_s": summary(first),
         "first_token_kind": "first_step" if variant.backend == "diffusion" else "first_token",
         "nfe": calls, "processed_tokens": positions, "params": variant.params, "weight_bytes": variant.weight_bytes,
         "peak_memory_bytes": memory.bytes, "peak_memory_source": memory.source,

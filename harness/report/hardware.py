@@ -1,7 +1,9 @@
 """Throughput tables: the hardware fingerprints, tokens/s per model by hardware, every measurement.
 
 A measurement's quality value is shown in its metric's unit (the ``spec`` that
-``collect_measurements`` attached to it).
+``collect_measurements`` attached to it). TPF (tokens per forward) is the record's ``tpf``:
+generated tokens / (NFE x batch size), what one forward pass gives a row (see
+``harness.perf.throughput``); a record from before it was stored gets it from the same numbers.
 """
 from __future__ import annotations
 
@@ -13,8 +15,17 @@ from harness.report.collect import hardware_label, setting_label
 from harness.report.format import DASH, number, shown
 
 MEASURES = (("tokens_per_s", "tokens/s", 1, 1), ("latency_p50_s", "p50 (s)", 3, 1), ("latency_p95_s", "p95 (s)", 3, 1),
-            ("ttft_s", "TTFT (s)", 3, 1), ("nfe", "NFE", 0, 1), ("peak_memory_mb", "peak MB", 0, 1),
-            ("mfu", "MFU (%)", 1, 100), ("bandwidth_fraction", "BW (%)", 1, 100))
+            ("ttft_s", "TTFT (s)", 3, 1), ("nfe", "NFE", 0, 1), ("tpf", "TPF", 2, 1),
+            ("peak_memory_mb", "peak MB", 0, 1), ("mfu", "MFU (%)", 1, 100), ("bandwidth_fraction", "BW (%)", 1, 100))
+
+
+def tokens_per_forward(m: dict[str, Any]) -> float | None:
+    """The record's ``tpf``, else generated tokens / (NFE x batch size) when the record has them."""
+    if isinstance(m.get("tpf"), (int, float)):
+        return m["tpf"]
+    tokens, nfe, batch = m.get("generated_tokens"), m.get("nfe"), (m.get("setting") or {}).get("batch_size") or 1
+    ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (tokens, nfe, batch))
+    return tokens / (nfe * batch) if ok and nfe else None
 
 
 def hardware_ids(measurements: list[dict[str, Any]]) -> dict[str, str]:
@@ -67,7 +78,8 @@ def measurement_tables(measurements: list[dict[str, Any]]) -> list[Table]:
     for hid, name in ids.items():
         mine = [m for m in measurements if m["hardware_id"] == hid]
         rows = [[m["model"], m["backend"], m["variant"], m["dtype"], m["setting_label"]] +
-                [number(m.get(key), digits, scale) for key, _, digits, scale in MEASURES] +
+                [number(tokens_per_forward(m) if key == "tpf" else m.get(key), digits, scale)
+                 for key, _, digits, scale in MEASURES] +
                 [quality_label(m["quality"])] for m in mine]
         tables.append(Table(f"Measurements on {name}: {hardware_label(mine[0]['hardware'])}",
                             ["Model", "Backend", "Variant", "dtype", "Setting"] + [label for _, label, _, _ in MEASURES] +

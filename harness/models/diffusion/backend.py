@@ -24,7 +24,7 @@ from harness.models.diffusion.estimators import LikelihoodRequest, estimate
 from harness.models.diffusion.formats import Denoiser, load_denoiser
 from harness.models.diffusion.samplers import SAMPLERS, FillRequest
 from harness.hashing import stable_hash
-from harness.models.settings import DiffusionSettings, SamplerSettings
+from harness.models.settings import CacheSettings, DiffusionSettings, SamplerSettings
 
 # what a request's gen_kwargs may override in the sampler settings
 REQUEST_SAMPLER_SETTINGS = ("steps", "temperature", "top_p")
@@ -44,6 +44,8 @@ class DiffusionLM(LanguageModel):
         bos = self.tokenizer.bos_token_id
         self.prefix_token = bos if bos is not None else self.tokenizer.eos_token_id
         self.start_token = settings.start_token
+        eot = self.tokenizer.convert_tokens_to_ids("<|eot_id|>") if hasattr(self.tokenizer, "convert_tokens_to_ids") else None
+        self.eot_id = eot if isinstance(eot, int) and eot != self.tokenizer.unk_token_id else None
         self.forward_passes = 0
         self.base_model = settings.base_model
 
@@ -68,6 +70,11 @@ class DiffusionLM(LanguageModel):
     def max_length(self) -> int:
         """The longest sequence (prompt and fill) the denoiser takes."""
         return self.denoiser.max_length
+
+    def use_cache(self, mode: str, refresh: int | None = None) -> CacheSettings:
+        """Switch the key/value cache (``none`` | ``prefix`` | ``dual``) for later calls."""
+        self.cache = CacheSettings(mode, refresh)
+        return self.cache
 
     def use_sampler(self, **changes: Any) -> SamplerSettings:
         """Switch the sampler settings (validated) for later calls; returns the new settings."""
@@ -233,13 +240,17 @@ class DiffusionLM(LanguageModel):
     def fill(self, fills: Sequence[FillRequest], settings: SamplerSettings | None = None) -> list[GenerationResult]:
         """Sample token-level canvases as they are (no EOS cut, no stop strings): what the
         throughput bench times. ``settings``: the sampler settings to use (default the model's)."""
-        return self._sample(list(fills), [()] * len(fills), stop_at_eos=False, settings=settings)
+        return self._sample(list(fills), [()] * len(fills), stop_at_eos=False, settings=settings, keep_tokens=True)
 
     def _sample(self, fills: list[FillRequest], stops: list[Sequence[str]], stop_at_eos: bool,
-                settings: SamplerSettings | None = None) -> list[GenerationResult]:
+                settings: SamplerSettings | None = None, keep_tokens: bool = False) -> list[GenerationResult]:
         settings = settings or self.sampler
         sample = SAMPLERS[settings.name]
-        kwargs = {k: v for k, v in asdict(settings).items() if k in inspect.signature(sample).parameters}
+        named = inspect.signature(sample).parameters
+        kwargs = {k: v for k, v in asdict(settings).items() if k in named}
+        if "eos_id" in named:  # generation stops at EOS, so later blocks past every row's EOS are skipped
+            kwargs.update(eos_id=self.tokenizer.eos_token_id, eot_id=self.eot_id,
+                          eos_stop=settings.eos_stop or stop_at_eos)
         out: list[GenerationResult] = []
         eos = self.tokenizer.eos_token_id
         for start in range(0, len(fills), self.rows_per_call):
@@ -252,8 +263,9 @@ class DiffusionLM(LanguageModel):
                 if stop_at_eos and eos in tokens:
                     tokens = tokens[:tokens.index(eos)]
                 text = truncate_at_stops(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
+                extra = {"sampler": settings.name, "steps": result.steps, **({"tokens": tokens} if keep_tokens else {})}
                 out.append(GenerationResult(text=text, n_tokens=len(tokens), nfe=result.nfe, latency_s=latency,
-                                            extra={"sampler": settings.name, "steps": result.steps}))
+                                            extra=extra))
         return out
 
 

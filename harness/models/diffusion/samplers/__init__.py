@@ -6,8 +6,10 @@ canvases of a call are right-padded into one batch and go through the denoiser t
 still-masked positions of the fill region; prefix and suffix tokens never change.
 
 Samplers, one module each (their docstrings give the details): ``diffugpt`` (DiffuGPT/DiffuLLaMA's
-``generate_samples``), ``llada`` (LLaDA's semi-autoregressive sampler) and ``threshold``
-(Fast-dLLM's confidence-threshold parallel decoding).
+``generate_samples``), ``llada`` (LLaDA's semi-autoregressive sampler), ``threshold``
+(Fast-dLLM's confidence-threshold and factor parallel decoding) and ``entropy_bounded`` (the
+EB-sampler). The three block samplers take the EOS options of ``common.EosOptions`` (all off by
+default) and the tokenizer's ``eos_id`` / ``eot_id``.
 
 The mask token is never proposed (its probability is spread over the others; ``diffugpt`` is the
 exception). Confidence is the model's probability of the proposed token (before temperature). Row
@@ -31,6 +33,7 @@ from harness.models.diffusion.samplers.common import SAMPLERS, FillRequest, Samp
 from harness.models.diffusion.samplers.diffugpt import diffugpt_sample
 from harness.models.diffusion.samplers.llada import REMASKING, llada_sample
 from harness.models.diffusion.samplers.threshold import threshold_sample
+from harness.models.diffusion.samplers.entropy_bounded import entropy_bounded_sample
 
-__all__ = ["REMASKING", "SAMPLERS", "FillRequest", "SampleOutput", "diffugpt_sample", "llada_sample",
-           "threshold_sample"]
+__all__ = ["REMASKING", "SAMPLERS", "FillRequest", "SampleOutput", "diffugpt_sample", "entropy_bounded_sample",
+           "llada_sample", "threshold_sample"]

@@ -3,11 +3,13 @@ proposal and scheduling helpers.
 
 A sampler is registered as ``@SAMPLERS.register("name")`` and called as
 ``sample(denoise, requests, *, mask_id, seed, **settings) -> SampleOutput``; the backend passes it
-the settings its signature names.
+the settings its signature names. The block samplers (``llada``, ``threshold``,
+``entropy_bounded``) also take ``eos_id`` and ``eot_id`` (the tokenizer's EOS and end-of-turn ids)
+and the EOS options of ``EosOptions``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -132,24 +134,70 @@ def sample_tokens(
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1).exp()
 
 
-def run_schedules(
-    denoise: Denoiser,
-    canvas: Canvas,
-    schedules: list[list[Step]],
-    propose: Proposer,
-    cfg_scale: float,
-) -> SampleOutput:
-    """Step s of row b reveals the ``count`` most confident masked positions of its span."""
-    for step in range(max(map(len, schedules), default=0)):
-        work = {row: plan[step] for row, plan in enumerate(schedules) if step < len(plan)}
-        work = {row: todo for row, todo in work.items() if todo.count}
-        if not work:
+def current_block(masked: torch.Tensor, block_length: int | None) -> tuple[int, int]:
+    """The fill block [start, stop) of a row's first still-masked position (a row with something masked)."""
+    first = int(masked.nonzero()[0])
+    return next((lo, hi) for lo, hi in block_bounds(len(masked), block_length) if hi > first)
+
+
+DEMOTED = -2.0  # added to a demoted proposal's confidence in [0, 1]: below every other one
+
+
+@dataclass(frozen=True)
+class EosOptions:
+    """What the block samplers do with EOS (all off by default: the plain samplers).
+
+    * ``stop`` (``eos_stop``): once a row's completed blocks hold ``eos_id``, its remaining
+      positions become EOS and it takes no further steps; a call runs while any row has work.
+      With a single block (no ``block_length``) nothing is left to skip.
+    * ``ban`` (``logits_eos_inf``, LLaDA's instruct option): EOS is never proposed (its
+      probability is spread over the others, as for the mask token).
+    * ``last`` (``confidence_eos_eot_inf``, LLaDA's instruct option): a proposed EOS or EOT ranks
+      below every other proposal of its block (its confidence counts as -inf: it never passes a
+      threshold or a factor test, and an entropy bound counts its entropy as +inf); among
+      themselves such proposals keep their order.
+    """
+
+    eos_id: int | None = None
+    eot_id: int | None = None
+    stop: bool = False
+    ban: bool = False
+    last: bool = False
+    ids: tuple[int, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        if (self.stop or self.ban) and self.eos_id is None:
+            raise ValueError("eos_stop and logits_eos_inf need the tokenizer's eos_id")
+        ids = tuple(i for i in (self.eos_id, self.eot_id) if i is not None) if self.last else ()
+        if self.last and not ids:
+            raise ValueError("confidence_eos_eot_inf needs eos_id or eot_id")
+        object.__setattr__(self, "ids", ids)
+
+    def proposable(self, logp: torch.Tensor) -> torch.Tensor:
+        """Log-probs [n, V] with EOS removed and renormalised when ``ban`` (else as they are)."""
+        if not self.ban or self.eos_id >= logp.shape[-1]:
+            return logp
+        return logp.index_fill(-1, torch.tensor([self.eos_id], device=logp.device), -torch.inf).log_softmax(-1)
+
+    def demoted(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Which proposals rank last (``last``: the EOS and EOT ones)."""
+        if not self.ids:
+            return torch.zeros_like(tokens, dtype=torch.bool)
+        return torch.isin(tokens, torch.tensor(self.ids, device=tokens.device))
+
+    def rank(self, tokens: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """Confidences in [0, 1] with the demoted proposals moved below all others (``DEMOTED``)."""
+        return confidence + DEMOTED * self.demoted(tokens).to(confidence.dtype) if self.ids else confidence
+
+
+def stop_at_eos(canvas: Canvas, eos: EosOptions, block_length: int | None) -> None:
+    """``eos.stop``: fill every still-masked position of a row whose completed blocks hold EOS with EOS."""
+    if not eos.stop:
+        return
+    for row, masked in enumerate(canvas.masked):
+        if not masked.any():
             continue
-        logps = canvas.logprobs(denoise, cfg_scale, list(work))
-        for row, (start, stop, count) in work.items():
-            tokens, confidence = propose(logps[row][start:stop], canvas.generators[row])
-            still_masked = canvas.masked[row][start:stop].to(confidence.device)
-            confidence = confidence.masked_fill(~still_masked, -torch.inf)
-            chosen = confidence.topk(count).indices
-            canvas.reveal(row, start + chosen, tokens[chosen])
-    return canvas.output(cfg_scale)
+        done = current_block(masked, block_length)[0]
+        if (canvas.ids[row, canvas.starts[row]:canvas.starts[row] + done] == eos.eos_id).any():
+            rest = masked.nonzero().squeeze(-1)
+            canvas.reveal(row, rest, torch.full_like(rest, eos.eos_id))

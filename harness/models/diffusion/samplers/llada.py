@@ -1,17 +1,18 @@
 """``llada``: LLaDA's semi-autoregressive sampler: blocks of ``block_length`` left to right,
 ``steps`` split evenly over the blocks and each block's tokens split evenly over its steps
 (remainders to the earliest); Gumbel-max proposals in float64; remasking by low confidence or at
-random; only the current block can be revealed."""
+random; only the current block can be revealed. Step s of every row shares one denoiser call;
+a step at which no row reveals anything is skipped. LLaDA's instruct options
+(``logits_eos_inf``, ``confidence_eos_eot_inf``) and ``eos_stop`` are ``common.EosOptions``."""
 from __future__ import annotations
 
-from functools import partial
 from typing import Sequence
 
 import torch
 
 from harness.models.diffusion.estimators import Denoiser
-from harness.models.diffusion.samplers.common import (SAMPLERS, Canvas, FillRequest, SampleOutput, Step,
-                                                      block_bounds, run_schedules, split_evenly)
+from harness.models.diffusion.samplers.common import (SAMPLERS, Canvas, EosOptions, FillRequest, SampleOutput, Step,
+                                                      block_bounds, split_evenly, stop_at_eos)
 
 REMASKING = ("low_confidence", "random")
 
@@ -35,6 +36,14 @@ def _gumbel_tokens(
     return tokens, confidence
 
 
+def _schedule(n_tokens: int, steps: int | None, block_length: int | None) -> list[Step]:
+    bounds = block_bounds(n_tokens, block_length)
+    schedule = []
+    for (start, stop), block_steps in zip(bounds, split_evenly(steps or n_tokens, len(bounds))):
+        schedule += [Step(start, stop, count) for count in split_evenly(stop - start, max(block_steps, 1))]
+    return schedule
+
+
 @SAMPLERS.register("llada")
 def llada_sample(
     denoise: Denoiser,
@@ -47,20 +56,31 @@ def llada_sample(
     remasking: str = "low_confidence",
     cfg_scale: float = 0.0,
     seed: int = 0,
+    eos_id: int | None = None,
+    eot_id: int | None = None,
+    eos_stop: bool = False,
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
 ) -> SampleOutput:
     """LLaDA sampling. ``steps``: per row (default its n_tokens), each block getting at least one;
     ``block_length``: default the whole fill region (one block)."""
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-
-    def blockwise(n_tokens: int) -> list[Step]:
-        bounds = block_bounds(n_tokens, block_length)
-        schedule = []
-        for (start, stop), block_steps in zip(bounds, split_evenly(steps or n_tokens, len(bounds))):
-            counts = split_evenly(stop - start, max(block_steps, 1))
-            schedule += [Step(start, stop, count) for count in counts]
-        return schedule
-
+    eos = EosOptions(eos_id, eot_id, eos_stop, logits_eos_inf, confidence_eos_eot_inf)
     canvas = Canvas(requests, mask_id, seed)
-    propose = partial(_gumbel_tokens, temperature=temperature, remasking=remasking)
-    return run_schedules(denoise, canvas, [blockwise(n) for n in canvas.sizes], propose, cfg_scale)
+    schedules = [_schedule(n, steps, block_length) for n in canvas.sizes]
+    for step in range(max(map(len, schedules), default=0)):
+        work = {row: plan[step] for row, plan in enumerate(schedules)
+                if step < len(plan) and plan[step].count and canvas.masked[row].any()}
+        if not work:
+            continue
+        logps = canvas.logprobs(denoise, cfg_scale, list(work))
+        for row, (start, stop, count) in work.items():
+            tokens, confidence = _gumbel_tokens(eos.proposable(logps[row][start:stop]), canvas.generators[row],
+                                                temperature=temperature, remasking=remasking)
+            still_masked = canvas.masked[row][start:stop].to(confidence.device)
+            confidence = eos.rank(tokens, confidence).masked_fill(~still_masked, -torch.inf)
+            chosen = confidence.topk(count).indices
+            canvas.reveal(row, start + chosen, tokens[chosen])
+        stop_at_eos(canvas, eos, block_length)
+    return canvas.output(cfg_scale)
