@@ -187,7 +187,7 @@ def dlm_variants(lm, samplers: Sequence[str], caches: Sequence[str] = ("none",))
     for sampler in samplers:
         if sampler not in SAMPLERS:
             raise HarnessError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
-        for cache in caches:
+        for cache in caches if sampler != "diffugpt" else ("none",):  # diffugpt decodes no blocks
             variants.append(Variant(
                 sampler if cache == "none" else f"{sampler}+{cache}", "diffusion",
                 run=lambda p, s, n=sampler, c=cache: run(p, s, n, c), first=first, params=params,
