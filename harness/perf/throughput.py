@@ -107,7 +107,7 @@ class Variant:
 
     def adapt(self, setting: Setting) -> Setting | None:
         """The setting as this variant runs it (steps only for stepped samplers), or None to skip."""
-        if self.name not in STEPPED_SAMPLERS:
+        if self.name.split("+")[0] not in STEPPED_SAMPLERS:  # "llada+dual" steps like "llada"
             return replace(setting, steps=None)
         return None if setting.steps is not None and setting.steps > setting.gen_length else setting
 
