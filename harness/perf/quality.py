@@ -27,11 +27,7 @@ def check_quality(quality: dict[str, Any] | None, data_dir: Path | None) -> None
 
 def metric_names(task) -> list[str]:
     """The task's metric names, its primary one first."""
-    specs = getattr(task, "metric_specs", None)
-    if callable(specs):
-        ordered = sorted(specs(), key=lambda m: not m.primary)
-        return [m.name for m in ordered]
-    return list(task.metrics)
+    return [m.name for m in sorted(task.metric_specs(), key=lambda m: not m.primary)]
 
 
 def quality(lm, variant, setting, spec: dict[str, Any], *, name: str, seed: int, device: str,

@@ -64,6 +64,15 @@ class Task:
             self._docs = docs
         return self._docs
 
+    def options_with(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """``defaults`` under the given options; an option the task does not take is a one-line error
+        (``allow_code_exec`` is the runner's, and always allowed)."""
+        unknown = sorted(set(self.options) - set(defaults) - {"allow_code_exec"})
+        if unknown:
+            raise HarnessError(f"task '{self.name}': unknown option(s) {', '.join(unknown)} "
+                               f"(known: {', '.join(sorted(defaults))})")
+        return {**defaults, **self.options}
+
     def selected_docs(self, limit: int | None = None) -> list[dict[str, Any]]:
         """The documents a run scores, cut in this one place: the protocol's own first ``max_docs``
         (an option, so recorded and hashed), then the run's ``limit``."""

@@ -54,11 +54,7 @@ class ScriptChoiceTask(MultipleChoiceTask):
 
     def __init__(self, spec: TaskSpec, data_dir: Path | None, options: dict[str, Any] | None = None):
         super().__init__(spec, data_dir, options)
-        unknown = sorted(set(self.options) - set(self.defaults) - {"allow_code_exec"})
-        if unknown:
-            raise HarnessError(f"task '{self.name}': unknown option(s) {', '.join(unknown)} "
-                               f"(known: {', '.join(sorted(self.defaults))})")
-        self.options = {**self.defaults, **{k: v for k, v in self.options.items() if k != "allow_code_exec"}}
+        self.options = {k: v for k, v in self.options_with(self.defaults).items() if k != "allow_code_exec"}
         if self.options["script"] not in SCRIPTS:
             raise HarnessError(f"task '{self.name}': script must be one of {', '.join(SCRIPTS)}, "
                                f"not '{self.options['script']}'")

@@ -49,11 +49,7 @@ class GenerationTask(Task):
 
     def __init__(self, spec: TaskSpec, data_dir: Path | None, options: dict[str, Any] | None = None):
         super().__init__(spec, data_dir, options)
-        unknown = sorted(set(self.options) - set(self.defaults) - {"allow_code_exec"})
-        if unknown:
-            raise HarnessError(f"task '{self.name}': unknown option(s) {', '.join(unknown)} "
-                               f"(known: {', '.join(sorted(self.defaults))})")
-        self.options = {**self.defaults, **self.options}
+        self.options = self.options_with(self.defaults)
         if self.options.get("length", "fixed") not in LENGTH_PROTOCOLS:
             raise HarnessError(f"task '{self.name}': length must be one of {', '.join(LENGTH_PROTOCOLS)}, "
                                f"not '{self.options['length']}'")

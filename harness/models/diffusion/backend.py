@@ -21,6 +21,7 @@ from harness.models.base import (GenerateRequest, GenerationResult, InfillReques
                                  encode_segments, split_pair, token_budget, truncate_at_stops)
 from harness.models.batching import parse_batch_size
 from harness.models.diffusion.estimators import LikelihoodRequest, estimate
+from harness.models.diffusion.estimators.scoring import logits_at
 from harness.models.diffusion.formats import Denoiser, load_denoiser
 from harness.models.diffusion.samplers import SAMPLERS, FillRequest
 from harness.hashing import stable_hash
@@ -104,11 +105,7 @@ class DiffusionLM(LanguageModel):
             logits = model(ids, mask)
             return torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if self.denoiser.shifted else logits
         read = (positions - 1).clamp(min=0) if self.denoiser.shifted else positions  # shifted: i from i - 1
-        read = read.to(self.device)
-        if getattr(model, "takes_positions", False):
-            return model(ids, mask, positions=read)
-        logits = model(ids, mask)
-        return logits.gather(1, read[..., None].expand(-1, -1, logits.shape[-1]))
+        return logits_at(model, ids, mask, read.to(self.device))
 
     denoise.takes_positions = True  # type: ignore[attr-defined]
 
