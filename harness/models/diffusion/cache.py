@@ -41,6 +41,7 @@ class BlockCache:
         self.kv: list | None = None
         self.blocks: list[tuple[int, int]] | None = None
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # positions and logits of the last full pass
+        self.kept: tuple | None = None  # keys_outside() of the last full pass
         self.since_full = 0
         self.full_passes = self.cached_passes = 0
 
@@ -68,7 +69,7 @@ class BlockCache:
                 or (refresh is not None and self.since_full >= refresh)
                 or self.last is None or self.last[0].shape != positions.shape):
             logits, self.kv = self.model(ids, mask, read, return_kv=True)
-            self.blocks, self.last, self.since_full = blocks, (positions, logits), 1
+            self.blocks, self.last, self.since_full, self.kept = blocks, (positions, logits), 1, None
             self.full_passes += 1
             return logits
         self.since_full += 1
@@ -88,23 +89,31 @@ class BlockCache:
     def cached(self, ids: torch.Tensor, mask: torch.Tensor, read: torch.Tensor,
                blocks: list[tuple[int, int]]) -> torch.Tensor:
         """A cached pass (see the module docstring); reads outside the queries keep the last full pass's logits."""
-        ranges = self.query_ranges(mask, blocks)
-        width = max(hi - lo for lo, hi in ranges)
-        offsets = torch.arange(width, device=ids.device)
-        lows = torch.tensor([lo for lo, _ in ranges], device=ids.device)
-        highs = torch.tensor([hi for _, hi in ranges], device=ids.device)
-        query_keep = offsets[None, :] < (highs - lows)[:, None]
-        query_idx = torch.minimum(lows[:, None] + offsets[None, :], highs[:, None] - 1)
-        positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
-        in_query = (positions >= lows[:, None]) & (positions < highs[:, None])
-        keyed = mask.bool() & ~in_query
-        count = int(keyed.sum(1).max())
-        order = torch.sort((~keyed).to(torch.int8), dim=1, stable=True).indices[:, :max(count, 1)]
-        key_keep = keyed.gather(1, order)
-        index = order[:, None, :, None]
-        kv = [(k.gather(2, index.expand(-1, k.shape[1], -1, k.shape[3])),
-               v.gather(2, index.expand(-1, v.shape[1], -1, v.shape[3]))) for k, v in self.kv]
+        if self.kept is None:
+            self.kept = self.keys_outside(mask, blocks)
+        kv, key_keep, lows, highs, query_idx, query_keep = self.kept
         inside = (read >= lows[:, None]) & (read < highs[:, None])
         local = (read - lows[:, None]).clamp(min=0).minimum(highs[:, None] - lows[:, None] - 1)
         fresh = self.model(ids.gather(1, query_idx), None, local, cache=(kv, key_keep, query_idx, query_keep))
-        return torch.where(inside[..., None], fresh, self.last[1])
+        return fresh if bool(inside.all()) else torch.where(inside[..., None], fresh, self.last[1])
+
+    def keys_outside(self, mask: torch.Tensor, blocks: list[tuple[int, int]]) -> tuple:
+        """For the blocks of the last full pass: the kept keys and values of every real position
+        outside the queries (packed to the left, ``key_keep`` marking them), and the query ranges.
+        Computed once per full pass, since neither changes until the next one."""
+        ranges = self.query_ranges(mask, blocks)
+        width = max(hi - lo for lo, hi in ranges)
+        device = mask.device
+        offsets = torch.arange(width, device=device)
+        lows = torch.tensor([lo for lo, _ in ranges], device=device)
+        highs = torch.tensor([hi for _, hi in ranges], device=device)
+        query_keep = offsets[None, :] < (highs - lows)[:, None]
+        query_idx = torch.minimum(lows[:, None] + offsets[None, :], highs[:, None] - 1)
+        positions = torch.arange(mask.shape[1], device=device)[None, :]
+        keyed = mask.bool() & ~((positions >= lows[:, None]) & (positions < highs[:, None]))
+        count = int(keyed.sum(1).max())
+        order = torch.sort((~keyed).to(torch.int8), dim=1, stable=True).indices[:, :max(count, 1)]
+        index = order[:, None, :, None]
+        kv = [(k.gather(2, index.expand(-1, k.shape[1], -1, k.shape[3])),
+               v.gather(2, index.expand(-1, v.shape[1], -1, v.shape[3]))) for k, v in self.kv]
+        return kv, keyed.gather(1, order), lows, highs, query_idx, query_keep

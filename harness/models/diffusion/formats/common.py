@@ -7,6 +7,7 @@ A loader is registered as ``@FORMATS.register("name")`` and called as
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -89,9 +90,14 @@ class FullAttention(nn.Module):
         bias = torch.zeros(allowed.shape, dtype=dtype, device=query_ids.device).masked_fill(~allowed,
                                                                                             torch.finfo(dtype).min)
         hidden = self.lm.base_model(input_ids=query_ids, attention_mask=bias, position_ids=query_positions,
-                                    past_key_values=cache, use_cache=True).last_hidden_state
+                                    use_cache=True, **{cache_argument(self.lm.base_model): cache}).last_hidden_state
         picked = hidden.gather(1, read[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.lm.get_output_embeddings()(picked)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of a transformers model's cache argument: ``cache`` from 5.2x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 # --- models

@@ -52,8 +52,9 @@ Proposer = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.T
 class Canvas:
     """The right-padded canvases of a batch, which fill positions are still masked, and the calls."""
 
-    def __init__(self, requests: Sequence[FillRequest], mask_id: int, seed: int) -> None:
-        self.mask_id = mask_id
+    def __init__(self, requests: Sequence[FillRequest], mask_id: int, seed: int,
+                 block_length: int | None = None) -> None:
+        self.mask_id, self.block_length = mask_id, block_length
         self.starts = [len(r.prefix_ids) for r in requests]
         self.sizes = [r.n_tokens for r in requests]
         self.keys = [r.key or str(row) for row, r in enumerate(requests)]
@@ -68,32 +69,42 @@ class Canvas:
     def region(self, row: int) -> slice:
         return slice(self.starts[row], self.starts[row] + self.sizes[row])
 
-    def logprobs(self, denoise: Denoiser, cfg_scale: float, rows: Sequence[int],
-                 propose_mask: bool = False) -> dict[int, torch.Tensor]:
+    def logprobs(self, denoise: Denoiser, cfg_scale: float, rows: Sequence[int], propose_mask: bool = False,
+                 by_block: bool = False) -> dict[int, torch.Tensor]:
         """One denoiser call on the whole batch; for each of ``rows``, guided float32 log-probs
-        [n_b, V] over its fill region, the mask token's probability moved to the others (unless
-        ``propose_mask``)."""
+        [n, V] over its fill region, or with ``by_block`` over its current block (``block``) alone,
+        the mask token's probability moved to the others (unless ``propose_mask``). The head runs
+        only at the positions read."""
         ids, attention = self.ids, self.attention
         if cfg_scale:
             uncond = torch.full_like(ids, self.mask_id)
             for row in range(len(self.sizes)):
                 uncond[row, self.region(row)] = ids[row, self.region(row)]
             ids, attention = torch.cat([ids, uncond]), torch.cat([attention, attention])
-        spans = [(self.starts[row], self.starts[row] + self.sizes[row]) for row in range(len(self.sizes))]
+        reads = [self.block(row) if by_block else (0, self.sizes[row]) for row in range(len(self.sizes))]
+        spans = [(self.starts[row] + lo, self.starts[row] + hi) for row, (lo, hi) in enumerate(reads)]
         logits = logits_at(denoise, ids, attention, span_positions(spans * (2 if cfg_scale else 1)))
         self.calls += 1
         if not self.generators:
             self.generators = [seeded_generator(self.seed, key, logits.device) for key in self.keys]
         batch, logps = len(self.sizes), {}
         for row in rows:
-            region = slice(0, self.sizes[row])
-            uncond = logits[row + batch, region] if cfg_scale else None
-            logp = guided_logprobs(logits[row, region], uncond, cfg_scale)
+            width = slice(0, reads[row][1] - reads[row][0])
+            uncond = logits[row + batch, width] if cfg_scale else None
+            logp = guided_logprobs(logits[row, width], uncond, cfg_scale)
             if not propose_mask and self.mask_id < logp.shape[-1]:  # never propose the mask token
                 logp = logp.index_fill(-1, torch.tensor([self.mask_id], device=logp.device), -torch.inf)
                 logp = logp.log_softmax(-1)
             logps[row] = logp
         return logps
+
+    def block(self, row: int) -> tuple[int, int]:
+        """The row's current fill block: the one holding its first masked position (its last block
+        once nothing is masked). Without ``block_length`` the whole fill region."""
+        bounds = block_bounds(self.sizes[row], self.block_length)
+        if not self.masked[row].any():
+            return bounds[-1] if self.sizes[row] else (0, 0)
+        return current_block(self.masked[row], self.block_length)
 
     def reveal(self, row: int, positions: torch.Tensor, tokens: torch.Tensor) -> None:
         """Write ``tokens`` at fill ``positions`` (indices into the row's fill region)."""

@@ -19,7 +19,7 @@ import torch
 
 from harness.models.diffusion.estimators import Denoiser
 from harness.models.diffusion.samplers.common import (SAMPLERS, Canvas, EosOptions, FillRequest, SampleOutput,
-                                                      current_block, sample_tokens, stop_at_eos)
+                                                      sample_tokens, stop_at_eos)
 
 
 def token_entropy(logp: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -71,12 +71,12 @@ def entropy_bounded_sample(
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma!r}")
     eos = EosOptions(eos_id, eot_id, eos_stop, logits_eos_inf, confidence_eos_eot_inf)
-    canvas = Canvas(requests, mask_id, seed)
+    canvas = Canvas(requests, mask_id, seed, block_length)
     while active := [row for row, masked in enumerate(canvas.masked) if masked.any()]:
-        logps = canvas.logprobs(denoise, cfg_scale, active)
+        logps = canvas.logprobs(denoise, cfg_scale, active, by_block=True)
         for row in active:
-            start, stop = current_block(canvas.masked[row], block_length)
-            logp = eos.proposable(logps[row][start:stop])
+            start, stop = canvas.block(row)
+            logp = eos.proposable(logps[row])
             tokens, _ = sample_tokens(logp, canvas.generators[row], temperature=temperature, top_p=top_p)
             masked = canvas.masked[row][start:stop].to(tokens.device)
             chosen = entropy_bounded_positions(token_entropy(logp, temperature), masked, eos.demoted(tokens), gamma)

@@ -67,16 +67,16 @@ def llada_sample(
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
     eos = EosOptions(eos_id, eot_id, eos_stop, logits_eos_inf, confidence_eos_eot_inf)
-    canvas = Canvas(requests, mask_id, seed)
+    canvas = Canvas(requests, mask_id, seed, block_length)
     schedules = [_schedule(n, steps, block_length) for n in canvas.sizes]
     for step in range(max(map(len, schedules), default=0)):
         work = {row: plan[step] for row, plan in enumerate(schedules)
                 if step < len(plan) and plan[step].count and canvas.masked[row].any()}
         if not work:
             continue
-        logps = canvas.logprobs(denoise, cfg_scale, list(work))
+        logps = canvas.logprobs(denoise, cfg_scale, list(work), by_block=True)
         for row, (start, stop, count) in work.items():
-            tokens, confidence = _gumbel_tokens(eos.proposable(logps[row][start:stop]), canvas.generators[row],
+            tokens, confidence = _gumbel_tokens(eos.proposable(logps[row]), canvas.generators[row],
                                                 temperature=temperature, remasking=remasking)
             still_masked = canvas.masked[row][start:stop].to(confidence.device)
             confidence = eos.rank(tokens, confidence).masked_fill(~still_masked, -torch.inf)

@@ -19,7 +19,7 @@ import torch
 
 from harness.models.diffusion.estimators import Denoiser
 from harness.models.diffusion.samplers.common import (SAMPLERS, Canvas, EosOptions, FillRequest, SampleOutput,
-                                                      current_block, sample_tokens, stop_at_eos)
+                                                      sample_tokens, stop_at_eos)
 
 
 def threshold_rule(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -70,12 +70,12 @@ def threshold_sample(
     if factor is not None and factor <= 0:
         raise ValueError(f"factor must be > 0 or None, got {factor!r}")
     eos = EosOptions(eos_id, eot_id, eos_stop, logits_eos_inf, confidence_eos_eot_inf)
-    canvas = Canvas(requests, mask_id, seed)
+    canvas = Canvas(requests, mask_id, seed, block_length)
     while active := [row for row, masked in enumerate(canvas.masked) if masked.any()]:
-        logps = canvas.logprobs(denoise, cfg_scale, active)
+        logps = canvas.logprobs(denoise, cfg_scale, active, by_block=True)
         for row in active:
-            start, stop = current_block(canvas.masked[row], block_length)
-            tokens, confidence = sample_tokens(eos.proposable(logps[row][start:stop]), canvas.generators[row],
+            start, stop = canvas.block(row)
+            tokens, confidence = sample_tokens(eos.proposable(logps[row]), canvas.generators[row],
                                                temperature=temperature, top_p=top_p)
             still_masked = canvas.masked[row][start:stop].to(confidence.device)
             confidence = eos.rank(tokens, confidence).masked_fill(~still_masked, -torch.inf)
