@@ -101,10 +101,11 @@ def test_settings_defaults_and_validation():
 
 
 def test_every_sampler_option_is_a_setting():
-    """The backend passes a sampler the settings its signature names, and the EOS/EOT ids."""
+    """The backend passes a sampler the settings its signature names, the EOS/EOT ids and (from
+    the model, not a setting) whether blocks align to the sequence start."""
     settings = {f.name for f in dataclasses.fields(SamplerSettings)}
     for name in SAMPLERS:
-        given = {"denoise", "requests", "mask_id", "seed", "eos_id", "eot_id"}
+        given = {"denoise", "requests", "mask_id", "seed", "eos_id", "eot_id", "aligned_blocks"}
         options = set(inspect.signature(SAMPLERS[name]).parameters) - given
         assert options <= settings, (name, options - settings)
 

@@ -45,7 +45,7 @@ def test_a_cached_pass_over_unchanged_keys_equals_the_full_pass(dlm_dir, mode):
     cache = BlockCache(lm.denoiser.model, shifted=lm.denoiser.shifted, mask_id=lm.denoiser.mask_id, fills=FILLS,
                        block_length=4, settings=CacheSettings(mode))
     full = cache(ids, attention, positions)
-    blocks = cache.current_blocks(ids)
+    blocks = cache.current_blocks(ids, attention)
     again = cache.cached(ids.to(full.device), attention, positions if not lm.denoiser.shifted
                          else (positions - 1).clamp(min=0), blocks)
     assert cache.full_passes == 1

@@ -1,9 +1,12 @@
-"""Masked-diffusion backend: a full-attention denoiser behind the same scorer interface as AR models.
+"""Masked-diffusion backend: a full-attention or block-diffusion denoiser behind the same scorer
+interface as AR models.
 
 The denoiser's logits are aligned so that position i predicts token i for both families (the
 shifted, AR-adapted models have their logits moved one place right). Log-likelihoods come from a
 selectable estimator, generation and infilling from a selectable sampler; every setting is in the
-fingerprint. Tokenisation of (context, continuation) pairs is lm-eval's, as for AR models.
+fingerprint. Tokenisation of (context, continuation) pairs is lm-eval's, as for AR models. A
+block-diffusion model (its denoiser has a ``block_size``) scores with the block ELBO
+(``estimators.blockwise``) and samples block by block over its exact cache (``cache=prefix``).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from harness.models.base import (GenerateRequest, GenerationResult, InfillReques
                                  encode_segments, split_pair, token_budget, truncate_at_stops)
 from harness.models.batching import parse_batch_size
 from harness.models.diffusion.estimators import LikelihoodRequest, estimate
+from harness.models.diffusion.estimators.blockwise import estimate_blockwise
 from harness.models.diffusion.estimators.scoring import logits_at
 from harness.models.diffusion.formats import Denoiser, load_denoiser
 from harness.models.diffusion.samplers import SAMPLERS, FillRequest
@@ -49,6 +53,23 @@ class DiffusionLM(LanguageModel):
         self.eot_id = eot if isinstance(eot, int) and eot != self.tokenizer.unk_token_id else None
         self.forward_passes = 0
         self.base_model = settings.base_model
+        self.block_size = getattr(denoiser, "block_size", None)  # block diffusion: block-causal attention
+        self.sampler = self.fit_blocks(self.sampler)
+
+    def fit_blocks(self, sampler: SamplerSettings) -> SamplerSettings:
+        """A block model's sampler decodes its blocks: ``block_length`` defaults to the block size
+        and must divide it; ``diffugpt`` (the whole fill at once) is refused."""
+        if not self.block_size:
+            return sampler
+        if sampler.name == "diffugpt":
+            raise HarnessError(f"sampler diffugpt fills the whole canvas at once; a block-diffusion model "
+                               f"(block size {self.block_size}) decodes block by block: llada, threshold, entropy_bounded")
+        if sampler.block_length is None:
+            return replace(sampler, block_length=self.block_size)
+        if self.block_size % sampler.block_length:
+            raise HarnessError(f"block_length {sampler.block_length} does not divide the model's block size "
+                               f"{self.block_size}")
+        return sampler
 
     @classmethod
     def from_card(cls, card: ModelCard, settings: DiffusionSettings, *, device: str, dtype: str,
@@ -79,7 +100,7 @@ class DiffusionLM(LanguageModel):
 
     def use_sampler(self, **changes: Any) -> SamplerSettings:
         """Switch the sampler settings (validated) for later calls; returns the new settings."""
-        self.sampler = replace(self.sampler, **changes)
+        self.sampler = self.fit_blocks(replace(self.sampler, **changes))
         return self.sampler
 
     @property
@@ -90,7 +111,7 @@ class DiffusionLM(LanguageModel):
                 "kind": "shifted" if d.shifted else "unshifted", "mask_id": d.mask_id, "dtype": self.dtype,
                 "device": self.device, "batch_size": self.rows_per_call, "estimator": asdict(self.estimator),
                 "sampler": asdict(self.sampler), "cache": asdict(self.cache), "seed": self.seed,
-                "start_token": self.start_token,
+                "start_token": self.start_token, **({"block_size": self.block_size} if self.block_size else {}),
                 **({"load": d.settings} if getattr(d, "settings", None) else {})}
 
     # ---- the aligned denoiser -------------------------------------------------------------
@@ -145,10 +166,13 @@ class DiffusionLM(LanguageModel):
 
     def _estimate(self, pairs: list[tuple[list[int], list[int]]], keys: list[str]):
         settings = self.estimator
-        return estimate(self.denoise, [LikelihoodRequest(c, k, key) for (c, k), key in zip(pairs, keys)],
-                        mask_id=self.denoiser.mask_id, method=settings.method, samples=settings.samples,
-                        seed=self.seed, batch_size=self.rows_per_call, eps=settings.eps,
-                        cfg_scale=settings.cfg_scale, greedy=settings.greedy)
+        requests = [LikelihoodRequest(c, k, key) for (c, k), key in zip(pairs, keys)]
+        options = dict(mask_id=self.denoiser.mask_id, method=settings.method, samples=settings.samples,
+                       seed=self.seed, batch_size=self.rows_per_call, eps=settings.eps,
+                       cfg_scale=settings.cfg_scale, greedy=settings.greedy)
+        if self.block_size:
+            return estimate_blockwise(self.denoise, requests, block_size=self.block_size, **options)
+        return estimate(self.denoise, requests, **options)
 
     def loglikelihood_rolling(self, requests: Sequence[RollingRequest]) -> list[RollingResult]:
         """The ELBO (a lower bound on log-likelihood) over the same disjoint windows as the AR backend."""
@@ -241,10 +265,12 @@ class DiffusionLM(LanguageModel):
 
     def _sample(self, fills: list[FillRequest], stops: list[Sequence[str]], stop_at_eos: bool,
                 settings: SamplerSettings | None = None, keep_tokens: bool = False) -> list[GenerationResult]:
-        settings = settings or self.sampler
+        settings = self.fit_blocks(settings or self.sampler)
         sample = SAMPLERS[settings.name]
         named = inspect.signature(sample).parameters
         kwargs = {k: v for k, v in asdict(settings).items() if k in named}
+        if "aligned_blocks" in named:
+            kwargs["aligned_blocks"] = bool(self.block_size)
         if "eos_id" in named:  # generation stops at EOS, so later blocks past every row's EOS are skipped
             kwargs.update(eos_id=self.tokenizer.eos_token_id, eot_id=self.eot_id,
                           eos_stop=settings.eos_stop or stop_at_eos)

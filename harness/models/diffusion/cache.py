@@ -11,6 +11,13 @@ positions)``) that a sampler uses unchanged. Each call finds every row's current
   everything after it; with ``dual`` the current block alone. For a shifted model the query range
   starts one position earlier, since position i's logits come from the output at i - 1.
 
+For a block-diffusion model (block-causal, ``block_causal``) the block is the model's own block of
+``block_size`` positions, the queries are that block alone and the kept keys are the finished blocks
+before it; a full pass runs over the sequence only up to the end of the current blocks. Since a
+finished block never changes and nothing later is attended to, this ``prefix`` cache is exact
+(``dual`` is refused); the logits a shifted model reads just before the block (the first token's)
+are the full pass's, which are final.
+
 For full-attention models a cache is an approximation: the kept keys and values were computed
 when the block was more masked than it is now. ``refresh=1`` makes every pass a full one, which is
 ``cache=none`` exactly. Logits asked for outside the queries (positions a sampler does not read in
@@ -36,6 +43,11 @@ class BlockCache:
             raise HarnessError(f"cache={settings.mode} needs a transformers-backed denoiser; "
                                f"{type(model).__name__} has no cached forward")
         self.model, self.shifted, self.mask_id, self.settings = model, shifted, mask_id, settings
+        self.block_size = getattr(model, "block_size", None)  # block-causal: the exact cache below
+        if self.block_size and settings.mode == "dual":
+            from harness.errors import HarnessError
+            raise HarnessError("cache=dual keeps the positions after the block, which a block-diffusion model never "
+                               "attends to; its exact cache is cache=prefix")
         self.starts = [len(f.prefix_ids) for f in fills]
         self.bounds = [block_bounds(f.n_tokens, block_length) for f in fills]
         self.kv: list | None = None
@@ -45,8 +57,9 @@ class BlockCache:
         self.since_full = 0
         self.full_passes = self.cached_passes = 0
 
-    def current_blocks(self, ids: torch.Tensor) -> list[tuple[int, int]]:
-        """Per row: absolute [start, stop) of the block holding its first masked fill position."""
+    def current_blocks(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, int]]:
+        """Per row: absolute [start, stop) of the block holding its first masked fill position (a
+        block model's own block of ``block_size`` positions, cut at the row's end)."""
         out = []
         for row in range(ids.shape[0]):
             b = row % len(self.starts)
@@ -54,6 +67,10 @@ class BlockCache:
             size = bounds[-1][1] if bounds else 0
             masked = (ids[row, start:start + size] == self.mask_id).nonzero()
             first = int(masked[0]) if len(masked) else max(size - 1, 0)
+            if self.block_size:
+                lo = (start + first) // self.block_size * self.block_size
+                out.append((lo, min(lo + self.block_size, int(mask[row].sum()))))
+                continue
             lo, hi = next(((lo, hi) for lo, hi in bounds if hi > first), (0, 0))
             out.append((start + lo, start + hi))
         return out
@@ -63,11 +80,14 @@ class BlockCache:
         device = next(self.model.parameters()).device
         ids, mask, positions = input_ids.to(device), attention_mask.to(device), positions.to(device)
         read = (positions - 1).clamp(min=0) if self.shifted else positions
-        blocks = self.current_blocks(ids)
+        blocks = self.current_blocks(ids, mask)
         refresh = self.settings.refresh
         if (self.settings.mode == "none" or self.kv is None or blocks != self.blocks
                 or (refresh is not None and self.since_full >= refresh)
                 or self.last is None or self.last[0].shape != positions.shape):
+            if self.block_size:  # nothing after the current blocks is ever attended to
+                width = max(max(hi for _, hi in blocks), int(read.max()) + 1)
+                ids, mask = ids[:, :width], mask[:, :width]
             logits, self.kv = self.model(ids, mask, read, return_kv=True)
             self.blocks, self.last, self.since_full, self.kept = blocks, (positions, logits), 1, None
             self.full_passes += 1
@@ -77,6 +97,8 @@ class BlockCache:
         return self.cached(ids, mask, read, blocks)
 
     def query_ranges(self, mask: torch.Tensor, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if self.block_size:  # the block alone; a shifted model's read before it is the full pass's
+            return [(start, max(stop, start + 1)) for start, stop in blocks]
         lengths = mask.sum(1).tolist()
         shift = 1 if self.shifted else 0
         ranges = []
@@ -109,8 +131,11 @@ class BlockCache:
         highs = torch.tensor([hi for _, hi in ranges], device=device)
         query_keep = offsets[None, :] < (highs - lows)[:, None]
         query_idx = torch.minimum(lows[:, None] + offsets[None, :], highs[:, None] - 1)
-        positions = torch.arange(mask.shape[1], device=device)[None, :]
+        positions = torch.arange(self.kv[0][0].shape[2], device=device)[None, :]
+        mask = mask[:, :positions.shape[1]]
         keyed = mask.bool() & ~((positions >= lows[:, None]) & (positions < highs[:, None]))
+        if self.block_size:  # a block model's keys: the finished blocks before the queries, exact
+            keyed &= positions < lows[:, None]
         count = int(keyed.sum(1).max())
         order = torch.sort((~keyed).to(torch.int8), dim=1, stable=True).indices[:, :max(count, 1)]
         index = order[:, None, :, None]

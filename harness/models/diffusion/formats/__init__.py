@@ -1,4 +1,4 @@
-"""Load released masked-diffusion checkpoints as full-attention denoisers.
+"""Load released masked-diffusion checkpoints as denoisers (full-attention or block-causal).
 
 ``load_denoiser(source)`` reads a local path or a hub id in one of these layouts, one module each:
 
@@ -25,9 +25,10 @@ from typing import Any
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.models.diffusion.attention import FullAttention
 from harness.models.diffusion.bidirectional import ROPE_CACHE_DTYPES
 from harness.models.diffusion.formats import diffugpt, diffullama, smdm, llada, harness_format  # noqa: F401
-from harness.models.diffusion.formats.common import (FORMATS, FullAttention, local_path, read_json, read_weights,
+from harness.models.diffusion.formats.common import (FORMATS, local_path, read_json, read_weights,
                                                      repo_id, weight_files)
 from harness.models.loading import torch_dtype
 
@@ -42,7 +43,7 @@ HUB_FORMATS = {
 
 @dataclass
 class Denoiser:
-    model: nn.Module  # forward(input_ids [B,N], attention_mask [B,N]) -> logits [B,N,V], full attention
+    model: nn.Module  # forward(input_ids [B,N], attention_mask [B,N]) -> logits [B,N,V]; full or block-causal attention
     tokenizer: Any
     mask_id: int
     shifted: bool  # True: logits at position i predict token i+1
@@ -50,6 +51,11 @@ class Denoiser:
     source: str
     max_length: int
     settings: dict[str, Any] = field(default_factory=dict)  # load-time options that change the numbers
+
+    @property
+    def block_size(self) -> int | None:
+        """A block-diffusion model's block size (block-causal attention); None for full attention."""
+        return getattr(self.model, "block_size", None)
 
 
 def load_denoiser(source: str, format: str | None = None, *, dtype: str = "float32", device: str = "cpu",

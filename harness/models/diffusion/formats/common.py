@@ -1,5 +1,5 @@
-"""What the checkpoint formats share: the registry, the full-attention wrapper, and the helpers
-that read weights, configs and tokenizers, fetch from the hub and check weight names.
+"""What the checkpoint formats share: the registry and the helpers that read weights, configs and
+tokenizers, fetch from the hub and check weight names (the attention wrappers are ``attention``).
 
 A loader is registered as ``@FORMATS.register("name")`` and called as
 ``load(path, dtype=, tokenizer=, config=, **settings)``; it returns
@@ -7,7 +7,6 @@ A loader is registered as ``@FORMATS.register("name")`` and called as
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -25,79 +24,6 @@ FORMATS: Registry[Callable[..., tuple]] = Registry("checkpoint format", ordered=
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
-class FullAttention(nn.Module):
-    """Run a transformers causal LM with full attention and return plain logits.
-
-    A 4-D additive mask [B,1,N,N] (0 for real keys, the dtype's minimum for padding keys) replaces
-    the causal mask; real tokens take positions 0, 1, ... whichever side the padding is on.
-    """
-
-    takes_positions = True  # forward(..., positions=[B, P]) applies the head at those positions only
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, *, return_kv: bool = False, cache: tuple | None = None):
-        """Logits [B, N, V] (or [B, P, V] at ``positions``). ``return_kv``: also every layer's keys and
-        values (``forward_kv``); ``cache``: a cached pass of query ids (``forward_cached``). One
-        entry point, so that hooks on this module see every pass."""
-        if cache is not None:
-            return self.forward_cached(*cache[:2], input_ids, *cache[2:], positions)
-        if return_kv:
-            return self.forward_kv(input_ids, attention_mask, positions)
-        keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        dtype, n = self.lm.dtype, input_ids.shape[1]
-        bias = torch.zeros(keep.shape, dtype=dtype, device=input_ids.device)
-        bias = bias.masked_fill(~keep, torch.finfo(dtype).min)[:, None, None, :].expand(-1, 1, n, n)
-        position_ids = (keep.long().cumsum(-1) - 1).clamp(min=0)
-        if positions is None:
-            return self.lm(input_ids=input_ids, attention_mask=bias, position_ids=position_ids, use_cache=False).logits
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=bias, position_ids=position_ids,
-                                    use_cache=False).last_hidden_state
-        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self.lm.get_output_embeddings()(picked)
-
-    def forward_kv(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   positions: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """A full pass: logits at ``positions`` and every layer's keys and values [B, H, N, D]."""
-        keep = attention_mask.bool()
-        dtype, n = self.lm.dtype, input_ids.shape[1]
-        bias = torch.zeros(keep.shape, dtype=dtype, device=input_ids.device)
-        bias = bias.masked_fill(~keep, torch.finfo(dtype).min)[:, None, None, :].expand(-1, 1, n, n)
-        position_ids = (keep.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.lm.base_model(input_ids=input_ids, attention_mask=bias, position_ids=position_ids, use_cache=True)
-        hidden = out.last_hidden_state.gather(1, positions[..., None].expand(-1, -1, out.last_hidden_state.shape[-1]))
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return self.lm.get_output_embeddings()(hidden), kv
-
-    def forward_cached(self, kv: list[tuple[torch.Tensor, torch.Tensor]], key_keep: torch.Tensor,
-                       query_ids: torch.Tensor, query_positions: torch.Tensor, query_keep: torch.Tensor,
-                       read: torch.Tensor) -> torch.Tensor:
-        """Queries [B, Q] at their position ids attend to the cached keys [B, H, C, D] that
-        ``key_keep`` [B, C] marks and to each other (full attention); logits at query indices ``read``."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for index, (keys, values) in enumerate(kv):
-            cache.update(keys, values, index)
-        dtype, q = self.lm.dtype, query_ids.shape[1]
-        allowed = torch.cat([key_keep, query_keep], dim=1)[:, None, None, :].expand(-1, 1, q, -1).clone()
-        allowed[..., 0] |= ~allowed.any(-1)  # a row with no key at all still looks at one
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=query_ids.device).masked_fill(~allowed,
-                                                                                            torch.finfo(dtype).min)
-        hidden = self.lm.base_model(input_ids=query_ids, attention_mask=bias, position_ids=query_positions,
-                                    use_cache=True, **{cache_argument(self.lm.base_model): cache}).last_hidden_state
-        picked = hidden.gather(1, read[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self.lm.get_output_embeddings()(picked)
-
-
-def cache_argument(model: nn.Module) -> str:
-    """The name of a transformers model's cache argument: ``cache`` from 5.2x, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 # --- models

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from harness.models.diffusion.formats.common import (FORMATS, FullAttention, check_keys, count_layers, directory,
+from harness.models.diffusion.attention import FullAttention
+from harness.models.diffusion.formats.common import (FORMATS, check_keys, count_layers, directory,
                                                      load_tokenizer, read_json, read_weights, require, weight_files)
 
 GPT2_FIELDS = ("n_head", "n_inner", "activation_function", "layer_norm_epsilon", "scale_attn_weights",

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from harness.models.diffusion.formats.common import FORMATS, FullAttention, causal_lm, hf_max_length, load_tokenizer
+from harness.models.diffusion.attention import FullAttention
+from harness.models.diffusion.formats.common import FORMATS, causal_lm, hf_max_length, load_tokenizer
 
 
 @FORMATS.register("diffullama")

@@ -4,8 +4,9 @@ proposal and scheduling helpers.
 A sampler is registered as ``@SAMPLERS.register("name")`` and called as
 ``sample(denoise, requests, *, mask_id, seed, **settings) -> SampleOutput``; the backend passes it
 the settings its signature names. The block samplers (``llada``, ``threshold``,
-``entropy_bounded``) also take ``eos_id`` and ``eot_id`` (the tokenizer's EOS and end-of-turn ids)
-and the EOS options of ``EosOptions``.
+``entropy_bounded``) also take ``eos_id`` and ``eot_id`` (the tokenizer's EOS and end-of-turn ids),
+the EOS options of ``EosOptions`` and ``aligned_blocks`` (the backend sets it for block-diffusion
+models: blocks then start at the sequence's first token, as the model's own, see ``block_bounds``).
 """
 from __future__ import annotations
 
@@ -53,9 +54,11 @@ class Canvas:
     """The right-padded canvases of a batch, which fill positions are still masked, and the calls."""
 
     def __init__(self, requests: Sequence[FillRequest], mask_id: int, seed: int,
-                 block_length: int | None = None) -> None:
+                 block_length: int | None = None, aligned_blocks: bool = False) -> None:
         self.mask_id, self.block_length = mask_id, block_length
         self.starts = [len(r.prefix_ids) for r in requests]
+        # aligned: blocks start at the sequence's first token (a block model's), not at the fill's
+        self.offsets = [start % block_length if aligned_blocks and block_length else 0 for start in self.starts]
         self.sizes = [r.n_tokens for r in requests]
         self.keys = [r.key or str(row) for row, r in enumerate(requests)]
         self.seed = seed
@@ -101,10 +104,10 @@ class Canvas:
     def block(self, row: int) -> tuple[int, int]:
         """The row's current fill block: the one holding its first masked position (its last block
         once nothing is masked). Without ``block_length`` the whole fill region."""
-        bounds = block_bounds(self.sizes[row], self.block_length)
+        bounds = block_bounds(self.sizes[row], self.block_length, self.offsets[row])
         if not self.masked[row].any():
             return bounds[-1] if self.sizes[row] else (0, 0)
-        return current_block(self.masked[row], self.block_length)
+        return current_block(self.masked[row], self.block_length, self.offsets[row])
 
     def reveal(self, row: int, positions: torch.Tensor, tokens: torch.Tensor) -> None:
         """Write ``tokens`` at fill ``positions`` (indices into the row's fill region)."""
@@ -123,9 +126,14 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [base + 1 if part < extra else base for part in range(parts)]
 
 
-def block_bounds(n_tokens: int, block_length: int | None) -> list[tuple[int, int]]:
+def block_bounds(n_tokens: int, block_length: int | None, offset: int = 0) -> list[tuple[int, int]]:
+    """The fill's blocks [start, stop): ``block_length`` each (default one block). ``offset``: the
+    fill's position within its first block (a block model's blocks start at the sequence's first
+    token, so after a prompt of p tokens the first block of the fill has block_length - p % block_length)."""
     length = block_length or max(n_tokens, 1)
-    return [(start, min(start + length, n_tokens)) for start in range(0, n_tokens, length)]
+    first = length - offset % length if block_length else length
+    edges = [0] + list(range(first, n_tokens, length))
+    return [(start, min(stop, n_tokens)) for start, stop in zip(edges, edges[1:] + [n_tokens]) if start < n_tokens]
 
 
 def sample_tokens(
@@ -145,10 +153,10 @@ def sample_tokens(
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1).exp()
 
 
-def current_block(masked: torch.Tensor, block_length: int | None) -> tuple[int, int]:
+def current_block(masked: torch.Tensor, block_length: int | None, offset: int = 0) -> tuple[int, int]:
     """The fill block [start, stop) of a row's first still-masked position (a row with something masked)."""
     first = int(masked.nonzero()[0])
-    return next((lo, hi) for lo, hi in block_bounds(len(masked), block_length) if hi > first)
+    return next((lo, hi) for lo, hi in block_bounds(len(masked), block_length, offset) if hi > first)
 
 
 DEMOTED = -2.0  # added to a demoted proposal's confidence in [0, 1]: below every other one
@@ -201,14 +209,14 @@ class EosOptions:
         return confidence + DEMOTED * self.demoted(tokens).to(confidence.dtype) if self.ids else confidence
 
 
-def stop_at_eos(canvas: Canvas, eos: EosOptions, block_length: int | None) -> None:
+def stop_at_eos(canvas: Canvas, eos: EosOptions) -> None:
     """``eos.stop``: fill every still-masked position of a row whose completed blocks hold EOS with EOS."""
     if not eos.stop:
         return
     for row, masked in enumerate(canvas.masked):
         if not masked.any():
             continue
-        done = current_block(masked, block_length)[0]
+        done = canvas.block(row)[0]
         if (canvas.ids[row, canvas.starts[row]:canvas.starts[row] + done] == eos.eos_id).any():
             rest = masked.nonzero().squeeze(-1)
             canvas.reveal(row, rest, torch.full_like(rest, eos.eos_id))

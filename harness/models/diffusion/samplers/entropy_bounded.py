@@ -65,13 +65,14 @@ def entropy_bounded_sample(
     eos_stop: bool = False,
     logits_eos_inf: bool = False,
     confidence_eos_eot_inf: bool = False,
+    aligned_blocks: bool = False,
 ) -> SampleOutput:
     """EB-sampler decoding; at most n_tokens steps per row. ``gamma``: the entropy bound (nats,
     >= 0). ``block_length``: default the whole fill region (one block)."""
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma!r}")
     eos = EosOptions(eos_id, eot_id, eos_stop, logits_eos_inf, confidence_eos_eot_inf)
-    canvas = Canvas(requests, mask_id, seed, block_length)
+    canvas = Canvas(requests, mask_id, seed, block_length, aligned_blocks)
     while active := [row for row, masked in enumerate(canvas.masked) if masked.any()]:
         logps = canvas.logprobs(denoise, cfg_scale, active, by_block=True)
         for row in active:
@@ -81,5 +82,5 @@ def entropy_bounded_sample(
             masked = canvas.masked[row][start:stop].to(tokens.device)
             chosen = entropy_bounded_positions(token_entropy(logp, temperature), masked, eos.demoted(tokens), gamma)
             canvas.reveal(row, start + chosen, tokens[chosen])
-        stop_at_eos(canvas, eos, block_length)
+        stop_at_eos(canvas, eos)
     return canvas.output(cfg_scale)

@@ -36,8 +36,8 @@ def _gumbel_tokens(
     return tokens, confidence
 
 
-def _schedule(n_tokens: int, steps: int | None, block_length: int | None) -> list[Step]:
-    bounds = block_bounds(n_tokens, block_length)
+def _schedule(n_tokens: int, steps: int | None, block_length: int | None, offset: int) -> list[Step]:
+    bounds = block_bounds(n_tokens, block_length, offset)
     schedule = []
     for (start, stop), block_steps in zip(bounds, split_evenly(steps or n_tokens, len(bounds))):
         schedule += [Step(start, stop, count) for count in split_evenly(stop - start, max(block_steps, 1))]
@@ -61,14 +61,15 @@ def llada_sample(
     eos_stop: bool = False,
     logits_eos_inf: bool = False,
     confidence_eos_eot_inf: bool = False,
+    aligned_blocks: bool = False,
 ) -> SampleOutput:
     """LLaDA sampling. ``steps``: per row (default its n_tokens), each block getting at least one;
     ``block_length``: default the whole fill region (one block)."""
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
     eos = EosOptions(eos_id, eot_id, eos_stop, logits_eos_inf, confidence_eos_eot_inf)
-    canvas = Canvas(requests, mask_id, seed, block_length)
-    schedules = [_schedule(n, steps, block_length) for n in canvas.sizes]
+    canvas = Canvas(requests, mask_id, seed, block_length, aligned_blocks)
+    schedules = [_schedule(n, steps, block_length, offset) for n, offset in zip(canvas.sizes, canvas.offsets)]
     for step in range(max(map(len, schedules), default=0)):
         work = {row: plan[step] for row, plan in enumerate(schedules)
                 if step < len(plan) and plan[step].count and canvas.masked[row].any()}
@@ -82,5 +83,5 @@ def llada_sample(
             confidence = eos.rank(tokens, confidence).masked_fill(~still_masked, -torch.inf)
             chosen = confidence.topk(count).indices
             canvas.reveal(row, start + chosen, tokens[chosen])
-        stop_at_eos(canvas, eos, block_length)
+        stop_at_eos(canvas, eos)
     return canvas.output(cfg_scale)

@@ -63,6 +63,7 @@ def threshold_sample(
     eos_stop: bool = False,
     logits_eos_inf: bool = False,
     confidence_eos_eot_inf: bool = False,
+    aligned_blocks: bool = False,
 ) -> SampleOutput:
     """Fast-dLLM parallel decoding; at most n_tokens steps per row, one per block at ``threshold``
     0. ``factor``: use the factor rule instead of the threshold (None: the threshold rule).
@@ -70,7 +71,7 @@ def threshold_sample(
     if factor is not None and factor <= 0:
         raise ValueError(f"factor must be > 0 or None, got {factor!r}")
     eos = EosOptions(eos_id, eot_id, eos_stop, logits_eos_inf, confidence_eos_eot_inf)
-    canvas = Canvas(requests, mask_id, seed, block_length)
+    canvas = Canvas(requests, mask_id, seed, block_length, aligned_blocks)
     while active := [row for row, masked in enumerate(canvas.masked) if masked.any()]:
         logps = canvas.logprobs(denoise, cfg_scale, active, by_block=True)
         for row in active:
@@ -81,5 +82,5 @@ def threshold_sample(
             confidence = eos.rank(tokens, confidence).masked_fill(~still_masked, -torch.inf)
             chosen = threshold_rule(confidence, threshold) if factor is None else factor_rule(confidence, factor)
             canvas.reveal(row, start + chosen, tokens[chosen])
-        stop_at_eos(canvas, eos, block_length)
+        stop_at_eos(canvas, eos)
     return canvas.output(cfg_scale)
