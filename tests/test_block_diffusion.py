@@ -170,3 +170,20 @@ def test_a_bad_block_size_in_the_checkpoint_fails(block_dir, tmp_path):
     (tmp_path / "bad" / "diffusion_config.json").write_text(json.dumps({**config, "block_size": 0}))
     with pytest.raises(HarnessError, match="block_size must be a positive integer"):
         build_model(str(tmp_path / "bad"))
+
+
+def test_bench_variants_give_a_block_model_its_exact_cache_only():
+    from harness.perf.throughput import variant_caches
+
+    assert variant_caches(["none", "dual"], "llada", None) == ["none", "dual"]
+    assert variant_caches(["none", "dual", "prefix"], "threshold", 8) == ["none", "prefix"]
+    assert variant_caches(["none", "dual"], "diffugpt", None) == ["none"]
+
+
+@pytest.mark.parametrize("name", ["untrained-dlm:smollm2-135m:block0", "untrained-dlm:smollm2-135m:b8",
+                                  "untrained-dlm:smollm2-135m:blockx"])
+def test_a_bad_untrained_block_name_fails_in_one_line(name):
+    from harness.perf.untrained import resolve_target
+
+    with pytest.raises(HarnessError, match="blockB with B > 0"):
+        resolve_target(name)

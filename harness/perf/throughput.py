@@ -160,7 +160,7 @@ def hf_variants(lm, modes: Sequence[str]) -> list[Variant]:
 
 def dlm_variants(lm, samplers: Sequence[str], caches: Sequence[str] = ("none",)) -> list[Variant]:
     """One variant per sampler and cache mode of a ``DiffusionLM`` (named ``sampler`` or
-    ``sampler+cache``); each sets the backend's sampler and cache before it runs."""
+    ``sampler+cache``, see ``variant_caches``); each sets the backend's sampler and cache before it runs."""
     from harness.models.diffusion.samplers import SAMPLERS
 
     mask = lm.denoiser.mask_id
@@ -187,7 +187,9 @@ def dlm_variants(lm, samplers: Sequence[str], caches: Sequence[str] = ("none",))
     for sampler in samplers:
         if sampler not in SAMPLERS:
             raise HarnessError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
-        for cache in caches if sampler != "diffugpt" else ("none",):  # diffugpt decodes no blocks
+        if sampler == "diffugpt" and lm.block_size:
+            continue  # a block model decodes block by block
+        for cache in variant_caches(caches, sampler, lm.block_size):
             variants.append(Variant(
                 sampler if cache == "none" else f"{sampler}+{cache}", "diffusion",
                 run=lambda p, s, n=sampler, c=cache: run(p, s, n, c), first=first, params=params,
@@ -195,6 +197,16 @@ def dlm_variants(lm, samplers: Sequence[str], caches: Sequence[str] = ("none",))
                 configure=lambda s, n=sampler, c=cache: configure(s, n, c),
                 describe=lambda s, n=sampler, c=cache: describe(s, n, c)))
     return variants
+
+
+def variant_caches(caches: Sequence[str], sampler: str, block_size: int | None) -> list[str]:
+    """The cache modes a sampler is timed with: diffugpt decodes no blocks (no cache); a block
+    model's only cache is its exact ``prefix`` one, which stands in for ``dual`` too."""
+    if sampler == "diffugpt":
+        return ["none"]
+    if block_size:
+        return list(dict.fromkeys("none" if c == "none" else "prefix" for c in caches))
+    return list(caches)
 
 
 def prompt_text(data_dir: Path | None) -> tuple[str, str]:
@@ -239,7 +251,7 @@ def measure(variant: Variant, setting: Setting, prompts: list[list[int]], *, dev
         "repeats": repeats, "warmup": warmup, "generated_tokens": tokens / repeats,
         "tokens_per_s": tokens / sum(latencies), "tpf": tokens / repeats / row_forwards if row_forwards else None,
         "latency_s": summary(latencies), "first_token_s": summary(first),
-        "first_token_kind": "first_step" if variant.backend == "diffusion" else "first_token",
+        "first_token_kind": "first_step" if variant.backend in ("diffusion", "diffusion_gemma") else "first_token",
         "nfe": calls, "processed_tokens": positions, "params": variant.params, "weight_bytes": variant.weight_bytes,
         "peak_memory_bytes": memory.bytes, "peak_memory_source": memory.source,
         "mfu": flops / per_request / limits["peak_flops"],

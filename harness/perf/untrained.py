@@ -1,4 +1,5 @@
-"""``untrained-dlm:BASE``: an AR model with a mask token added, run as a shifted DLM with no training.
+"""``untrained-dlm:BASE``: an AR model with a mask token added, run as a shifted DLM with no training;
+``untrained-dlm:BASE:blockB``: the same run as a block-diffusion model with blocks of B.
 
 For timing only (its records say ``untrained: true``); built once and cached under
 ``harness.models.loading.cache_dir()``.
@@ -16,8 +17,9 @@ from harness.errors import HarnessError
 UNTRAINED = "untrained-dlm:"
 
 
-def untrained_dlm(base: str) -> Path:
-    """A harness-format DLM directory: ``base``'s weights plus a mask token, untrained; built once."""
+def untrained_dlm(base: str, block_size: int | None = None) -> Path:
+    """A harness-format DLM directory: ``base``'s weights plus a mask token, untrained (block-causal
+    with ``block_size``); built once."""
     from harness.hashing import stable_hash
     from harness.models.factory import resolve_card
     from harness.models.loading import cache_dir, load_causal_lm, resolve_weights
@@ -28,7 +30,8 @@ def untrained_dlm(base: str) -> Path:
     if card.backend != "hf_ar":
         raise HarnessError(f"untrained-dlm needs an AR base model; '{base}' is a {card.backend} model")
     weights = resolve_weights(card.weights)
-    target = cache_dir() / "untrained-dlm" / f"{slug(card.name)}-{stable_hash(weights)[:8]}"
+    block = f"-block{block_size}" if block_size else ""
+    target = cache_dir() / "untrained-dlm" / f"{slug(card.name)}{block}-{stable_hash(weights)[:8]}"
     if (target / "diffusion_config.json").exists():
         return target
     model, tokenizer = load_causal_lm(weights)
@@ -40,7 +43,7 @@ def untrained_dlm(base: str) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / "diffusion_config.json").write_text(json.dumps(
             {"format": "dlm-harness", "version": 1, "kind": "shifted", "mask_token_id": mask_id, "base_model": base,
-             "untrained": True}, indent=2))
+             "untrained": True, **({"block_size": block_size} if block_size else {})}, indent=2))
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first
@@ -52,8 +55,13 @@ def untrained_dlm(base: str) -> Path:
 
 
 def resolve_target(name: str) -> str:
-    """The model a bench name stands for: ``untrained-dlm:BASE`` is built (once), others are as given."""
-    return str(untrained_dlm(name[len(UNTRAINED):])) if name.startswith(UNTRAINED) else name
+    """The model a bench name stands for: ``untrained-dlm:BASE[:blockB]`` is built (once), others are as given."""
+    if not name.startswith(UNTRAINED):
+        return name
+    base, _, block = name[len(UNTRAINED):].partition(":")
+    if block and not (block.startswith("block") and block[5:].isdigit() and int(block[5:]) > 0):
+        raise HarnessError(f"'{name}': the part after the base model must be blockB with B > 0, e.g. block32")
+    return str(untrained_dlm(base, int(block[5:]) if block else None))
 
 
 def is_untrained(target: str) -> bool:
