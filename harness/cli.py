@@ -92,7 +92,7 @@ def run_seeds(plan, seed: int | None) -> list[int]:
     if seed is not None:
         return [seed]
     suite = catalog().suites.get(plan.suite) if plan.suite else None
-    return list(suite.seeds) if suite and suite.seeds and plan.family == "diffusion" else [plan.seed]
+    return list(suite.seeds) if suite and suite.seeds and plan.family != "ar" else [plan.seed]
 
 
 def print_results(results: dict) -> None:

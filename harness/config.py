@@ -16,7 +16,7 @@ import yaml
 
 from harness.errors import HarnessError
 
-FAMILIES = ("ar", "diffusion")
+FAMILIES = ("ar", "diffusion", "diffusion_gemma")
 # the package's own YAML tree: the same layout as an include directory (see harness.catalog), plus papers/
 RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
 TASKS_DIR = RESOURCES_DIR / "tasks"
@@ -35,12 +35,13 @@ class DiffusionSpec:
     sampler: str | None = None
     greedy: str | None = None  # is_greedy: parallel (one pass) | sequential (SMDM, LLaDA)
     start_token: str | None = None  # bos before every prompt | none (DiffuGPT)
+    block_size: int | None = None  # block diffusion: the checkpoint's block size, checked at load
 
 
 @dataclass(frozen=True)
 class ModelCard:
     name: str
-    backend: str  # hf_ar | diffusion
+    backend: str  # hf_ar | diffusion | diffusion_gemma
     weights: dict[str, Any]
     description: str = ""
     dtype: str = "float32"
@@ -124,8 +125,8 @@ def load_model_card(path: Path) -> ModelCard:
     if isinstance(data.get("diffusion"), dict):
         data["diffusion"] = _diffusion_spec(data["diffusion"], path)
     card = build(ModelCard, data, path)
-    if card.backend not in ("hf_ar", "diffusion"):
-        raise HarnessError(f"{path}: backend must be hf_ar or diffusion, not '{card.backend}'")
+    if card.backend not in ("hf_ar", "diffusion", "diffusion_gemma"):
+        raise HarnessError(f"{path}: backend must be hf_ar, diffusion or diffusion_gemma, not '{card.backend}'")
     if card.backend == "diffusion" and (card.diffusion is None or card.diffusion.mask_id is None):
         raise HarnessError(f"{path}: a diffusion model card needs diffusion.mask_id")
     return card
@@ -139,6 +140,8 @@ def _diffusion_spec(data: dict[str, Any], path: Path) -> DiffusionSpec:
     spec = DiffusionSpec(**data)
     if spec.kind not in ("shifted", "unshifted"):
         raise HarnessError(f"{path}: diffusion.kind must be shifted or unshifted, not '{spec.kind}'")
+    if spec.block_size is not None and (type(spec.block_size) is not int or spec.block_size < 1):
+        raise HarnessError(f"{path}: diffusion.block_size must be a positive integer, not {spec.block_size!r}")
     return spec
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from harness.config import ModelCard, SuiteSpec
 from harness.errors import HarnessError
-from harness.models.settings import ARSettings, DiffusionSettings, settings_for
+from harness.models.settings import ARSettings, DiffusionGemmaSettings, DiffusionSettings, settings_for
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -44,8 +44,8 @@ class RunPlan:
 
     model: str
     card: ModelCard
-    family: str  # ar | diffusion
-    settings: DiffusionSettings | ARSettings
+    family: str  # ar | diffusion | diffusion_gemma (the key of a suite's model_args)
+    settings: DiffusionSettings | ARSettings | DiffusionGemmaSettings
     model_args: dict[str, Any]
     tasks: tuple[str, ...]
     task_options: dict[str, dict[str, Any]]
@@ -83,13 +83,17 @@ def plan_run(config: RunConfig, card: ModelCard | None = None, *, require_tasks:
         raise HarnessError(f"--limit must be a positive integer, got {config.limit}")
     check_output_dir(config.output)
     card = card or resolve_card(config.model)
-    family = "diffusion" if card.backend == "diffusion" else "ar"
+    family = card.backend if card.backend in ("diffusion", "diffusion_gemma") else "ar"
     suite = catalog().suites.get(config.suite) if config.suite else None
     names = list(dict.fromkeys([*(suite.tasks if suite else []), *config.tasks]))
     if not names and require_tasks:
         raise HarnessError("nothing to run: give --tasks and/or --suite")
     for name in names:
         catalog().tasks.get(name)
+    if card.backend == "diffusion_gemma":
+        from harness.models.diffusion_gemma import check_tasks
+
+        check_tasks(names)  # no likelihoods: refused before any weights load
     model_args = {**(suite.model_args.get(family, {}) if suite else {}), **config.model_args}
     settings = settings_for(card.backend, {**card_model_args(card), **model_args})
     parse_batch_size(config.batch_size)

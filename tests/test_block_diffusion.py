@@ -187,3 +187,26 @@ def test_a_bad_untrained_block_name_fails_in_one_line(name):
 
     with pytest.raises(HarnessError, match="blockB with B > 0"):
         resolve_target(name)
+
+
+@pytest.mark.parametrize("card_block", [8, 2])
+def test_a_card_whose_block_size_contradicts_the_checkpoint_fails(block_dir, card_block):
+    from harness.config import DiffusionSpec, ModelCard
+
+    kind = json.loads((block_dir / "diffusion_config.json").read_text())["kind"]
+    card = ModelCard(name="card", backend="diffusion", weights={"path": str(block_dir)},
+                     diffusion=DiffusionSpec(format="harness", kind=kind, block_size=card_block))
+    with pytest.raises(HarnessError, match=f"says block size {card_block} but the harness checkpoint has block size 4"):
+        build_model(card)
+    matching = ModelCard(name="card", backend="diffusion", weights={"path": str(block_dir)},
+                         diffusion=DiffusionSpec(format="harness", kind=kind, block_size=BLOCK))
+    assert build_model(matching).block_size == BLOCK
+
+
+def test_a_card_block_size_must_be_a_positive_integer(tmp_path):
+    from harness.config import load_model_card
+
+    card = tmp_path / "m.yaml"
+    card.write_text("name: m\nbackend: diffusion\nweights: {path: x}\ndiffusion: {mask_id: 3, block_size: 0}\n")
+    with pytest.raises(HarnessError, match="block_size must be a positive integer"):
+        load_model_card(card)

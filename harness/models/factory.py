@@ -7,7 +7,7 @@ from typing import Any
 from harness.config import DiffusionSpec, ModelCard
 from harness.errors import HarnessError, unknown_name
 from harness.models.base import LanguageModel
-from harness.models.settings import ARSettings, DiffusionSettings, settings_for
+from harness.models.settings import ARSettings, DiffusionGemmaSettings, DiffusionSettings, settings_for
 
 DIFFUSION_CONFIG = "diffusion_config.json"
 
@@ -51,6 +51,10 @@ def resolve_card(name_or_path: str) -> ModelCard:
             spec = DiffusionSpec(format="harness", kind=config.get("kind", "shifted"),
                                  mask_id=config.get("mask_token_id"))
             return ModelCard(name=path.name, backend="diffusion", weights={"path": str(path)}, diffusion=spec)
+        from harness.models.diffusion_gemma import is_diffusion_gemma
+
+        if is_diffusion_gemma(path):
+            return ModelCard(name=path.name, backend="diffusion_gemma", weights={"path": str(path)})
         return ModelCard(name=path.name, backend="hf_ar", weights={"path": str(path)})
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
         return ModelCard(name=name_or_path, backend="hf_ar", weights={"hub": name_or_path})
@@ -59,7 +63,7 @@ def resolve_card(name_or_path: str) -> ModelCard:
 
 def build_model(model: str | ModelCard, *, device: str = "cpu", dtype: str | None = None,
                 batch_size: int | str = 16, model_args: dict[str, Any] | None = None,
-                settings: DiffusionSettings | ARSettings | None = None) -> LanguageModel:
+                settings: DiffusionSettings | ARSettings | DiffusionGemmaSettings | None = None) -> LanguageModel:
     """A scorer for a card (or a name, resolved here). ``settings``: already parsed model arguments
     (a run plan's); otherwise the card's defaults and ``model_args`` are parsed."""
     card = resolve_card(model) if isinstance(model, str) else model
@@ -74,6 +78,10 @@ def build_model(model: str | ModelCard, *, device: str = "cpu", dtype: str | Non
         lm, tokenizer = load_causal_lm(weights, dtype=dtype, device=device)
         return HFCausalLM(lm, tokenizer, name=card.name, weights=weights, dtype=dtype, device=device,
                           batch_size=batch_size, settings=settings)
+    if card.backend == "diffusion_gemma":
+        from harness.models.diffusion_gemma import DiffusionGemmaLM
+
+        return DiffusionGemmaLM.from_card(card, settings, device=device, dtype=dtype, batch_size=batch_size)
     from harness.models.diffusion.backend import DiffusionLM
 
     return DiffusionLM.from_card(card, settings, device=device, dtype=dtype, batch_size=batch_size)

@@ -177,6 +177,37 @@ class ARSettings:
                          "max_length": _number(int, 1, optional=True)})
 
 
+@dataclass(frozen=True)
+class DiffusionGemmaSettings:
+    """Everything ``--model-args`` sets on DiffusionGemma (``harness.models.diffusion_gemma``).
+
+    The sampler settings carry the names the model's own ``generate`` takes; None: the
+    checkpoint's ``generation_config.json``, else transformers' defaults. ``chat_template``: wrap
+    prompts in the tokenizer's chat template (None: when the tokenizer has one)."""
+
+    chat_template: bool | None = None
+    max_denoising_steps: int | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    entropy_bound: float | None = None
+    stability_threshold: int | None = None
+    confidence_threshold: float | None = None
+    infill_mode: str = "prefix"  # prefix: the prefix alone | reorder: suffix, then prefix (as the AR backend)
+    max_length: int | None = None  # None: the model config's context length
+
+    def __post_init__(self) -> None:
+        validated(self, {"chat_template": lambda n, v: v if v is None else _flag(n, v),
+                         "max_denoising_steps": _number(int, 1, optional=True),
+                         "t_min": _number(float, 0, optional=True), "t_max": _number(float, 0, optional=True),
+                         "entropy_bound": _number(float, 0, optional=True, open_low=True),
+                         "stability_threshold": _number(int, 0, optional=True),
+                         "confidence_threshold": _number(float, 0, optional=True, open_low=True),
+                         "infill_mode": _choice(lambda: ("prefix", "reorder")),
+                         "max_length": _number(int, 1, optional=True)})
+        if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
+            raise HarnessError(f"t_max must be > t_min, not {self.t_max!r} <= {self.t_min!r}")
+
+
 # model argument -> (part of DiffusionSettings, field); cfg_scale goes to both parts
 ESTIMATOR_ARGS = {"estimator": "method", "samples": "samples", "eps": "eps", "cfg_scale": "cfg_scale",
                   "greedy": "greedy"}
@@ -187,6 +218,7 @@ SAMPLER_ARGS = {"sampler": "name", "steps": "steps", "block_length": "block_leng
 CACHE_ARGS = {"cache": "mode", "refresh": "refresh"}
 DIFFUSION_ARGS = sorted({*ESTIMATOR_ARGS, *SAMPLER_ARGS, *CACHE_ARGS, "start_token", "base_model", *LOAD_KEYS})
 AR_ARGS = sorted(f.name for f in fields(ARSettings))
+DIFFUSION_GEMMA_ARGS = sorted(f.name for f in fields(DiffusionGemmaSettings))
 
 
 def _reject_unknown(args: dict[str, Any], valid: list[str], family: str) -> None:
@@ -212,5 +244,8 @@ def ar_settings(args: dict[str, Any]) -> ARSettings:
     return ARSettings(**args)
 
 
-def settings_for(backend: str, args: dict[str, Any]) -> DiffusionSettings | ARSettings:
+def settings_for(backend: str, args: dict[str, Any]) -> DiffusionSettings | ARSettings | DiffusionGemmaSettings:
+    if backend == "diffusion_gemma":
+        _reject_unknown(args, DIFFUSION_GEMMA_ARGS, "a DiffusionGemma")
+        return DiffusionGemmaSettings(**args)
     return diffusion_settings(args) if backend == "diffusion" else ar_settings(args)

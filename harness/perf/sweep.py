@@ -26,6 +26,8 @@ def hardware_tag(hardware: dict[str, Any]) -> str:
 def build_variants(lm, options: dict[str, Any], *, device: str, seed: int, log: Callable[[str], Any]) -> list:
     from harness.perf.throughput import dlm_variants, hf_variants
 
+    if hasattr(lm, "bench_variants"):  # a backend with its own sampler (DiffusionGemma)
+        return lm.bench_variants()
     if lm.is_diffusion:
         return dlm_variants(lm, options["samplers"], options["caches"])
     variants = hf_variants(lm, [m for m in options["ar_modes"] if m != "vllm"])

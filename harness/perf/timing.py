@@ -103,7 +103,7 @@ class ForwardCounter:
         self.module, self.calls, self.tokens = module, 0, 0
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = args[0] if args else kwargs.get("input_ids")
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("decoder_input_ids"))
         self.calls += 1
         self.tokens += int(ids.numel()) if ids is not None else 0
 

@@ -82,7 +82,7 @@ def model_name(run: dict[str, Any]) -> str:
 
 
 def family(run: dict[str, Any]) -> str:
-    return "DLM" if run["model_fingerprint"].get("backend") == "diffusion" else "AR"
+    return "DLM" if run["model_fingerprint"].get("backend") in ("diffusion", "diffusion_gemma") else "AR"
 
 
 def versions(run: dict[str, Any]) -> str:

@@ -84,6 +84,10 @@ class DiffusionLM(LanguageModel):
         if spec is not None and denoiser.shifted != (spec.kind == "shifted"):
             raise HarnessError(f"card '{card.name}' says {spec.kind} but the {denoiser.format} checkpoint is "
                                f"{'shifted' if denoiser.shifted else 'unshifted'}")
+        if spec is not None and spec.block_size is not None and spec.block_size != denoiser.block_size:
+            found = f"block size {denoiser.block_size}" if denoiser.block_size else "full attention"
+            raise HarnessError(f"card '{card.name}' says block size {spec.block_size} but the {denoiser.format} "
+                               f"checkpoint has {found}")
         if settings.base_model is None:
             settings = replace(settings, base_model=diffusion_base_model(source))
         return cls(denoiser, name=card.name, dtype=dtype, device=device, batch_size=batch_size, settings=settings)
