@@ -48,7 +48,7 @@ class FullAttention(nn.Module):
         values (``forward_kv``); ``cache``: a cached pass of query ids (``forward_cached``). One
         entry point, so that hooks on this module see every pass."""
         if cache is not None:
-            return self.forward_cached(*cache[:2], input_ids, *cache[2:], positions)
+            return self.forward_cached(*cache[:2], input_ids, *cache[2:4], positions, return_kv=return_kv)
         if return_kv:
             return self.forward_kv(input_ids, attention_mask, positions)
         keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -67,28 +67,36 @@ class FullAttention(nn.Module):
         bias, position_ids = self.bias(keep), (keep.long().cumsum(-1) - 1).clamp(min=0)
         out = self.lm.base_model(input_ids=input_ids, attention_mask=bias, position_ids=position_ids, use_cache=True)
         hidden = out.last_hidden_state.gather(1, positions[..., None].expand(-1, -1, out.last_hidden_state.shape[-1]))
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        cache = getattr(out, "cache", None) or out.past_key_values  # its name before transformers 5.2x
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
         return self.lm.get_output_embeddings()(hidden), kv
 
     def forward_cached(self, kv: list[tuple[torch.Tensor, torch.Tensor]], key_keep: torch.Tensor,
                        query_ids: torch.Tensor, query_positions: torch.Tensor, query_keep: torch.Tensor,
-                       read: torch.Tensor) -> torch.Tensor:
+                       read: torch.Tensor, return_kv: bool = False):
         """Queries [B, Q] at their position ids attend to the cached keys [B, H, C, D] that
-        ``key_keep`` [B, C] marks and to each other (full attention); logits at query indices ``read``."""
+        ``key_keep`` [B, C] marks and to each other: to every query ``query_keep`` [B, Q] marks, or as
+        ``query_keep`` [B, Q, Q] allows; logits at query indices ``read``. ``return_kv``: also the
+        queries' own keys and values per layer [B, H, Q, D]."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
         for index, (keys, values) in enumerate(kv):
             cache.update(keys, values, index)
         dtype, q = self.lm.dtype, query_ids.shape[1]
-        allowed = torch.cat([key_keep, query_keep], dim=1)[:, None, None, :].expand(-1, 1, q, -1).clone()
+        among = query_keep if query_keep.dim() == 3 else query_keep[:, None, :].expand(-1, q, -1)
+        allowed = torch.cat([key_keep[:, None, :].expand(-1, q, -1), among], dim=2)[:, None].clone()
         allowed[..., 0] |= ~allowed.any(-1)  # a row with no key at all still looks at one
         bias = torch.zeros(allowed.shape, dtype=dtype, device=query_ids.device).masked_fill(~allowed,
                                                                                             torch.finfo(dtype).min)
         hidden = self.lm.base_model(input_ids=query_ids, attention_mask=bias, position_ids=query_positions,
                                     use_cache=True, **{cache_argument(self.lm.base_model): cache}).last_hidden_state
         picked = hidden.gather(1, read[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self.lm.get_output_embeddings()(picked)
+        logits = self.lm.get_output_embeddings()(picked)
+        if not return_kv:
+            return logits
+        width = kv[0][0].shape[2]
+        return logits, [(layer.keys[:, :, width:], layer.values[:, :, width:]) for layer in cache.layers]
 
 
 def cache_argument(model: nn.Module) -> str:

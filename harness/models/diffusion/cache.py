@@ -13,10 +13,12 @@ positions)``) that a sampler uses unchanged. Each call finds every row's current
 
 For a block-diffusion model (block-causal, ``block_causal``) the block is the model's own block of
 ``block_size`` positions, the queries are that block alone and the kept keys are the finished blocks
-before it; a full pass runs over the sequence only up to the end of the current blocks. Since a
-finished block never changes and nothing later is attended to, this ``prefix`` cache is exact
-(``dual`` is refused); the logits a shifted model reads just before the block (the first token's)
-are the full pass's, which are final.
+before it. One full pass, over the sequence up to the end of the current blocks, starts the cache;
+when a row moves on, one pass over its finished block and its new block (block-causal among them)
+adds the finished block's keys and values to the kept ones (``extend``): no position is computed
+twice at the same step of its block. Since a finished block never changes and nothing later is
+attended to, this ``prefix`` cache is exact (``dual`` is refused); the logits a shifted model reads
+just before the block (the first token's) are those of the pass that finished that block.
 
 For full-attention models a cache is an approximation: the kept keys and values were computed
 when the block was more masked than it is now. ``refresh=1`` makes every pass a full one, which is
@@ -52,10 +54,10 @@ class BlockCache:
         self.bounds = [block_bounds(f.n_tokens, block_length) for f in fills]
         self.kv: list | None = None
         self.blocks: list[tuple[int, int]] | None = None
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # positions and logits of the last full pass
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last pass's reads and their logits
         self.kept: tuple | None = None  # keys_outside() of the last full pass
         self.since_full = 0
-        self.full_passes = self.cached_passes = 0
+        self.full_passes = self.cached_passes = self.extensions = 0
 
     def current_blocks(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, int]]:
         """Per row: absolute [start, stop) of the block holding its first masked fill position (a
@@ -82,19 +84,37 @@ class BlockCache:
         read = (positions - 1).clamp(min=0) if self.shifted else positions
         blocks = self.current_blocks(ids, mask)
         refresh = self.settings.refresh
-        if (self.settings.mode == "none" or self.kv is None or blocks != self.blocks
-                or (refresh is not None and self.since_full >= refresh)
-                or self.last is None or self.last[0].shape != positions.shape):
+        moved = blocks != self.blocks
+        full = (self.settings.mode == "none" or self.kv is None or (moved and not self.block_size)
+                or (refresh is not None and self.since_full >= refresh))
+        if not full:
+            ranges = self.extension_ranges(blocks) if moved else self.query_ranges(mask, blocks)
+            full = not bool(self.recall(read, ranges)[1].all())  # a read neither computed now nor kept
+        if full:
             if self.block_size:  # nothing after the current blocks is ever attended to
                 width = max(max(hi for _, hi in blocks), int(read.max()) + 1)
                 ids, mask = ids[:, :width], mask[:, :width]
             logits, self.kv = self.model(ids, mask, read, return_kv=True)
-            self.blocks, self.last, self.since_full, self.kept = blocks, (positions, logits), 1, None
+            self.blocks, self.last, self.since_full, self.kept = blocks, (read, logits), 1, None
             self.full_passes += 1
             return logits
         self.since_full += 1
+        if moved:
+            self.extensions += 1
+            return self.extend(ids, mask, read, blocks)
         self.cached_passes += 1
         return self.cached(ids, mask, read, blocks)
+
+    def recall(self, read: torch.Tensor, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For reads outside the query ``ranges``: the kept logits of an earlier pass at the same
+        position [B, P, V] and which reads are served (inside the ranges, or kept) [B, P]."""
+        lows = torch.tensor([lo for lo, _ in ranges], device=read.device)[:, None]
+        highs = torch.tensor([hi for _, hi in ranges], device=read.device)[:, None]
+        kept_read, kept_logits = self.last
+        same = read[:, :, None] == kept_read[:, None, :]
+        index = same.int().argmax(-1)
+        logits = kept_logits.gather(1, index[..., None].expand(-1, -1, kept_logits.shape[-1]))
+        return logits, ((read >= lows) & (read < highs)) | same.any(-1)
 
     def query_ranges(self, mask: torch.Tensor, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
         if self.block_size:  # the block alone; a shifted model's read before it is the full pass's
@@ -117,20 +137,23 @@ class BlockCache:
         inside = (read >= lows[:, None]) & (read < highs[:, None])
         local = (read - lows[:, None]).clamp(min=0).minimum(highs[:, None] - lows[:, None] - 1)
         fresh = self.model(ids.gather(1, query_idx), None, local, cache=(kv, key_keep, query_idx, query_keep))
-        return fresh if bool(inside.all()) else torch.where(inside[..., None], fresh, self.last[1])
+        return self.merge(read, inside, fresh)
+
+    def merge(self, read: torch.Tensor, inside: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        """Fresh logits inside the queries, kept ones elsewhere; what is returned is kept for later."""
+        if bool(inside.all()):
+            logits = fresh
+        else:
+            logits = torch.where(inside[..., None], fresh, self.recall(read, [(0, 0)] * len(read))[0])
+        self.last = (read, logits)
+        return logits
 
     def keys_outside(self, mask: torch.Tensor, blocks: list[tuple[int, int]]) -> tuple:
         """For the blocks of the last full pass: the kept keys and values of every real position
         outside the queries (packed to the left, ``key_keep`` marking them), and the query ranges.
         Computed once per full pass, since neither changes until the next one."""
-        ranges = self.query_ranges(mask, blocks)
-        width = max(hi - lo for lo, hi in ranges)
         device = mask.device
-        offsets = torch.arange(width, device=device)
-        lows = torch.tensor([lo for lo, _ in ranges], device=device)
-        highs = torch.tensor([hi for _, hi in ranges], device=device)
-        query_keep = offsets[None, :] < (highs - lows)[:, None]
-        query_idx = torch.minimum(lows[:, None] + offsets[None, :], highs[:, None] - 1)
+        lows, highs, query_idx, query_keep = query_layout(self.query_ranges(mask, blocks), device)
         positions = torch.arange(self.kv[0][0].shape[2], device=device)[None, :]
         mask = mask[:, :positions.shape[1]]
         keyed = mask.bool() & ~((positions >= lows[:, None]) & (positions < highs[:, None]))
@@ -142,3 +165,41 @@ class BlockCache:
         kv = [(k.gather(2, index.expand(-1, k.shape[1], -1, k.shape[3])),
                v.gather(2, index.expand(-1, v.shape[1], -1, v.shape[3]))) for k, v in self.kv]
         return kv, keyed.gather(1, order), lows, highs, query_idx, query_keep
+
+    def extension_ranges(self, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Per row: from the first position not kept (its block at the last pass) to its new block's end."""
+        return [(old, max(hi, old + 1)) for (old, _), (_, hi) in zip(self.blocks, blocks)]
+
+    def extend(self, ids: torch.Tensor, mask: torch.Tensor, read: torch.Tensor,
+               blocks: list[tuple[int, int]]) -> torch.Tensor:
+        """A block model's row moved on: one pass over each row's finished block(s) and its new
+        block (block-causal among them) with the kept keys before; the finished blocks' keys and
+        values join the kept ones, which stay exact. Reads outside the queries keep earlier logits."""
+        if self.kept is None:
+            self.kept = self.keys_outside(mask, self.blocks)
+        kv, key_keep = self.kept[:2]
+        lows, highs, query_idx, query_keep = query_layout(self.extension_ranges(blocks), ids.device)
+        block_of = query_idx // self.block_size
+        among = query_keep[:, None, :] & (block_of[:, None, :] <= block_of[:, :, None])
+        inside = (read >= lows[:, None]) & (read < highs[:, None])
+        local = (read - lows[:, None]).clamp(min=0).minimum(highs[:, None] - lows[:, None] - 1)
+        fresh, added = self.model(ids.gather(1, query_idx), None, local, cache=(kv, key_keep, query_idx, among),
+                                  return_kv=True)
+        starts = torch.tensor([start for start, _ in blocks], device=ids.device)
+        kv = [(torch.cat([k, new_k], 2), torch.cat([v, new_v], 2)) for (k, v), (new_k, new_v) in zip(kv, added)]
+        key_keep = torch.cat([key_keep, query_keep & (query_idx < starts[:, None])], dim=1)
+        self.blocks = blocks
+        self.kept = (kv, key_keep, *query_layout(self.query_ranges(mask, blocks), ids.device))
+        return self.merge(read, inside, fresh)
+
+
+def query_layout(ranges: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Each row's query range [lo, hi) as (lows, highs, query indices [B, W] padded by repeating the
+    last one, which of them are real [B, W])."""
+    width = max(hi - lo for lo, hi in ranges)
+    offsets = torch.arange(width, device=device)
+    lows = torch.tensor([lo for lo, _ in ranges], device=device)
+    highs = torch.tensor([hi for _, hi in ranges], device=device)
+    query_keep = offsets[None, :] < (highs - lows)[:, None]
+    query_idx = torch.minimum(lows[:, None] + offsets[None, :], highs[:, None] - 1)
+    return lows, highs, query_idx, query_keep
