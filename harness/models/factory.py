@@ -55,10 +55,23 @@ def resolve_card(name_or_path: str) -> ModelCard:
 
         if is_diffusion_gemma(path):
             return ModelCard(name=path.name, backend="diffusion_gemma", weights={"path": str(path)})
+        if released_dlm(path):
+            return ModelCard(name=path.name, backend="diffusion", weights={"path": str(path)})
         return ModelCard(name=path.name, backend="hf_ar", weights={"path": str(path)})
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
         return ModelCard(name=name_or_path, backend="hf_ar", weights={"hub": name_or_path})
     raise unknown_name("model", name_or_path, models.names())
+
+
+def released_dlm(path: Path) -> bool:
+    """True for a local checkpoint in a released DLM layout (``formats.detect_format`` knows it)."""
+    from harness.models.diffusion.formats import detect_format
+
+    try:
+        detect_format(path)
+    except HarnessError:
+        return False
+    return True
 
 
 def build_model(model: str | ModelCard, *, device: str = "cpu", dtype: str | None = None,

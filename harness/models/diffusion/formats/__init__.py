@@ -6,9 +6,16 @@
 * ``diffullama`` (diffusionfamily/diffullama): a plain Llama-2 directory run bidirectionally; shifted.
 * ``smdm`` (nieshen/SMDM): a lit-gpt ``TransEncoder`` state dict; unshifted.
 * ``llada`` (GSAI-ML/LLaDA-8B-*): LLaDA's own safetensors and config.json; unshifted.
-* ``harness`` (``harness_format``): a Hugging Face causal-LM directory plus ``diffusion_config.json``.
+* ``harness`` (``harness_format``): a Hugging Face causal-LM directory plus ``diffusion_config.json``
+  (with ``block_size``: a block-diffusion model).
+* ``bd3lm`` (kuleshov-group/bd3lm-owt-block_size4/8/16): BD3-LM's DiT (``dit``); block-causal, unshifted.
+* ``sdar`` (JetLM/SDAR-*-Chat): Qwen3, block-causal (block 4), unshifted.
+* ``fast_dllm_v2`` (Efficient-Large-Model/Fast_dLLM_v2_*): Qwen2.5, block-causal (``bd_size`` 32), shifted.
+* ``dream`` (Dream-org/Dream-v0-*-7B): Qwen2.5, full attention, shifted.
+* ``llada2`` (inclusionAI/LLaDA2.x): a MoE loaded into transformers' Glm4Moe; block-causal (32), unshifted.
 
-smdm and llada load into :class:`BidirectionalLM`, so no remote code runs.
+smdm and llada load into :class:`BidirectionalLM` and bd3lm into the harness's DiT; the others into
+transformers classes with weights mapped where needed (``released``). No remote code runs.
 
 Each format module registers its loader with ``@FORMATS.register("name")`` (see ``common``) and
 is imported below, which is what registers it: a new format is one new file plus its import line
@@ -27,7 +34,8 @@ from torch import nn
 from harness.errors import HarnessError
 from harness.models.diffusion.attention import FullAttention
 from harness.models.diffusion.bidirectional import ROPE_CACHE_DTYPES
-from harness.models.diffusion.formats import diffugpt, diffullama, smdm, llada, harness_format  # noqa: F401
+from harness.models.diffusion.formats import diffugpt, diffullama, smdm, llada, harness_format, bd3lm  # noqa: F401
+from harness.models.diffusion.formats import sdar, fast_dllm_v2, dream, llada2  # noqa: F401
 from harness.models.diffusion.formats.common import (FORMATS, local_path, read_json, read_weights,
                                                      repo_id, weight_files)
 from harness.models.loading import torch_dtype
@@ -38,6 +46,13 @@ HUB_FORMATS = {
     "diffusionfamily/diffugpt-s": "diffugpt", "diffusionfamily/diffugpt-m": "diffugpt",
     "diffusionfamily/diffullama": "diffullama", "nieshen/smdm": "smdm",
     "gsai-ml/llada-8b-base": "llada", "gsai-ml/llada-8b-instruct": "llada",
+    "kuleshov-group/bd3lm-owt-block_size4": "bd3lm", "kuleshov-group/bd3lm-owt-block_size8": "bd3lm",
+    "kuleshov-group/bd3lm-owt-block_size16": "bd3lm",
+    "jetlm/sdar-1.7b-chat": "sdar", "jetlm/sdar-4b-chat": "sdar", "jetlm/sdar-8b-chat": "sdar",
+    "efficient-large-model/fast_dllm_v2_1.5b": "fast_dllm_v2", "efficient-large-model/fast_dllm_v2_7b": "fast_dllm_v2",
+    "dream-org/dream-v0-base-7b": "dream", "dream-org/dream-v0-instruct-7b": "dream",
+    "inclusionai/llada2.0-mini": "llada2", "inclusionai/llada2.0-flash": "llada2",
+    "inclusionai/llada2.1-mini": "llada2", "inclusionai/llada2.1-flash": "llada2",
 }
 
 
@@ -101,6 +116,12 @@ def detect_format(path: str | Path) -> str:
     config = read_json(path / "config.json") if path.is_dir() else {}
     if config.get("model_type") == "llada" or "LLaDAModelLM" in config.get("architectures", []):
         return "llada"
+    for fmt, module in (("sdar", sdar), ("fast_dllm_v2", fast_dllm_v2), ("dream", dream), ("llada2", llada2)):
+        named = set(config.get("architectures") or ()) & set(module.ARCHITECTURES)
+        if config.get("model_type") in module.MODEL_TYPES or named:  # SDAR, Fast-dLLM v2, Dream, LLaDA 2.x
+            return fmt
+    if config.get("model_type") == "bd3lm" or "BD3LM" in config.get("architectures", []):
+        return "bd3lm"
     if config.get("model_type") == "llama":
         if "diffullama" in str(path.resolve()).lower():
             return "diffullama"
@@ -113,6 +134,8 @@ def detect_format(path: str | Path) -> str:
         return "llada"
     if any(re.fullmatch(r"transformer\.h\.\d+\.attn\.attn\.weight", k) for k in keys):
         return "smdm"
+    if "backbone.blocks.0.attn_qkv.weight" in keys and config.get("model_type") in (None, "bd3lm"):
+        return "bd3lm"  # BD3-LM's DiT weight names (MDLM shares them: its config says model_type mdlm)
     raise HarnessError(f"cannot tell the checkpoint format of '{path}'; pass format= one of "
                        f"{', '.join(FORMATS)}")
 

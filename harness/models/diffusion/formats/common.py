@@ -73,7 +73,7 @@ def load_tokenizer(name: str | None, path: Path, fallback: str | None):
         raise HarnessError(f"'{path}' holds no tokenizer; pass tokenizer=")
     offline = Path(name).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        return AutoTokenizer.from_pretrained(name, local_files_only=offline, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise HarnessError(f"cannot load the tokenizer '{name}': {_first_line(exc)}") from exc
 
