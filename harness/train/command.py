@@ -59,6 +59,9 @@ def adapt(
     shift: Optional[bool] = typer.Option(None, "--shift/--no-shift", help="Logits at i-1 predict masked token i."),
     anneal: Optional[bool] = typer.Option(None, "--anneal/--no-anneal", help="Anneal causal -> full attention."),
     anneal_steps: Optional[int] = typer.Option(None, help="Steps over which attention opens up."),
+    block_size: Optional[int] = typer.Option(
+        None, help="Block diffusion (SDAR / Fast-dLLM v2): blocks of B positions, per-block noise, block-causal "
+                   "attention from step 0 (no annealing); B must divide --seq-len. Default: full attention."),
     min_t: Optional[float] = typer.Option(None, help="Smallest masking rate t ~ U(min_t, 1)."),
     stratified_t: Optional[bool] = typer.Option(None, "--stratified-t/--no-stratified-t",
                                                 help="Spread t over strata of the global batch (less noise)."),
@@ -72,17 +75,20 @@ def adapt(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output."),
 ) -> None:
-    """Adapt an autoregressive LM into a masked diffusion LM (DiffuGPT/DiffuLLaMA recipe)."""
+    """Adapt an autoregressive LM into a masked diffusion LM (DiffuGPT/DiffuLLaMA recipe, or block
+    diffusion with --block-size)."""
     from harness.train.recipe import run
 
     try:
+        if block_size is not None and block_size < 1:
+            raise HarnessError(f"block-size must be at least 1, got {block_size} (leave it out for full attention)")
         config = build_config(
             preset, base=str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base,
             data=str(Path(data).expanduser().resolve()), output_dir=output, sft=sft, steps=steps,
             seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
             schedule=schedule, weight_decay=weight_decay, betas=parse_betas(betas), grad_clip=grad_clip,
-            shift=shift, anneal=anneal, anneal_steps=anneal_steps, min_t=min_t, stratified_t=stratified_t,
-            precision=precision, seed=seed, max_tokens=max_tokens, max_examples=max_examples,
+            shift=shift, anneal=anneal, anneal_steps=anneal_steps, block_size=block_size, min_t=min_t,
+            stratified_t=stratified_t, precision=precision, seed=seed, max_tokens=max_tokens, max_examples=max_examples,
             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, log_every=log_every,
             resume=resume, overwrite=overwrite)
         run(config, resolve_base(base))

@@ -13,6 +13,8 @@ PRECISIONS = ("fp32", "bf16")
 # and grad_accum only the global batch, batch_size x grad_accum x processes, must match).
 RUN_CONTROLS = ("output_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every",
                 "batch_size", "grad_accum")
+ANNEAL_WITH_BLOCKS = ("--anneal does not apply with --block-size: block diffusion attends block-causally "
+                      "from step 0; drop --anneal")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class TrainConfig:
     shift: bool = True  # logits at i-1 predict a masked token i (DiffuGPT/DiffuLLaMA)
     anneal: bool = True  # causal -> full attention over anneal_steps; off = full attention from step 0
     anneal_steps: int = 50
+    block_size: int = 0  # > 0: block diffusion (harness.train.blocks), blocks of this many positions; 0: off
     min_t: float = 1e-3  # t ~ U(min_t, 1)
     stratified_t: bool = False  # one t per 1/n stratum across the global batch: same mean, less noise
     precision: str = "fp32"  # fp32, or bf16 autocast with fp32 weights
@@ -61,6 +64,12 @@ class TrainConfig:
             raise HarnessError("keep-checkpoints must be at least 1")
         if self.seq_len < 2:
             raise HarnessError("seq-len must be at least 2")
+        if self.block_size < 0:
+            raise HarnessError(f"block-size must be at least 1, got {self.block_size}")
+        if self.block_size and self.seq_len % self.block_size:
+            raise HarnessError(f"block-size {self.block_size} does not divide seq-len {self.seq_len}")
+        if self.block_size and self.anneal:
+            raise HarnessError(ANNEAL_WITH_BLOCKS)
         if self.schedule not in SCHEDULES:
             raise unknown_name("schedule", self.schedule, SCHEDULES)
         if self.precision not in PRECISIONS:
@@ -123,6 +132,10 @@ def build_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     unknown = sorted(set(values) - fields)
     if unknown:
         raise HarnessError(f"unknown training settings: {', '.join(unknown)}")
+    if values.get("block_size"):  # no annealing in block diffusion: a preset's or the default's is switched off
+        if overrides.get("anneal"):
+            raise HarnessError(ANNEAL_WITH_BLOCKS)
+        values["anneal"] = False
     if "betas" in values:
         values["betas"] = tuple(float(b) for b in values["betas"])
     config = TrainConfig(**values)

@@ -40,10 +40,16 @@ def protected_positions(loss_start: torch.Tensor, seq_len: int, shift: bool) -> 
     return torch.arange(seq_len)[None, :] < start[:, None]
 
 
+def per_token(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Masking rates as [n, N]: per sequence ([n], the full-attention recipe) or already per token
+    ([n, N], the block recipe's per-block rates, ``harness.train.blocks``)."""
+    return t[:, None].expand_as(like) if t.ndim == 1 else t
+
+
 def mask_tokens(input_ids: torch.Tensor, t: torch.Tensor, u: torch.Tensor, protected: torch.Tensor,
                 mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace each unprotected token by ``mask_id`` with probability t; return (noisy ids, masked)."""
-    masked = (u < t[:, None]) & ~protected
+    masked = (u < per_token(t, u)) & ~protected
     return input_ids.masked_fill(masked, mask_id), masked
 
 
@@ -71,9 +77,12 @@ def attention_mask(seq_len: int, batch: int, ratio: float, gen: torch.Generator 
 
 def masked_losses(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
                   shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of CE/t, sum of CE) over masked tokens; shifted, token j is read from the logits at j-1."""
+    """(sum of CE/t, sum of CE) over masked tokens; shifted, token j is read from the logits at j-1.
+
+    ``t``: [n] per sequence or [n, N] per token (see :func:`per_token`)."""
+    rates = per_token(t, masked)
     if shift:
-        logits, targets, masked = logits[:, :-1], targets[:, 1:], masked[:, 1:]
+        logits, targets, masked, rates = logits[:, :-1], targets[:, 1:], masked[:, 1:], rates[:, 1:]
     ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
-    weight = (1.0 / t).to(ce.device)[:, None].expand_as(masked)[masked]
+    weight = 1.0 / rates.to(ce.device)[masked]
     return (ce * weight).sum(), ce.sum()

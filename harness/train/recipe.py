@@ -45,6 +45,8 @@ import torch
 from harness.env import git_sha
 from harness.errors import HarnessError
 from harness.models.loading import load_causal_lm
+from harness.train.blocks import (read_index, sample_block_noise, takes_logits_to_keep, two_stream_logits,
+                                  two_stream_mask)
 from harness.train.checkpoints import (DIFFUSION_CONFIG, TMP_PREFIX, TRAINER_STATE, TRASH_PREFIX, checkpoint_step,
                                        latest_checkpoint, plot_loss, publish, remove_dir)
 from harness.train.config import RUN_CONTROLS, TrainConfig
@@ -101,7 +103,8 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 # ----------------------------------------------------------------------------- the recipe
 
 class AdaptRecipe:
-    """Algorithm 1 of the paper with Accelerate for devices and processes."""
+    """Algorithm 1 of the paper with Accelerate for devices and processes; with ``block_size`` the
+    block-diffusion recipe of ``harness.train.blocks`` (per-block noise, the 2L layout, its read rule)."""
 
     def __init__(self, config: TrainConfig, weights: str):
         self.cfg, self.weights = config, weights
@@ -142,6 +145,11 @@ class AdaptRecipe:
                                       lr=cfg.lr, betas=cfg.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        if cfg.block_size:  # fixed for the run: the 2L mask, and which of the 2N outputs predicts each token
+            self.block_attn = two_stream_mask(cfg.seq_len, cfg.block_size, cfg.batch_size, self.mask_dtype,
+                                              self.acc.device)
+            self.read = read_index(cfg.seq_len, cfg.block_size, cfg.shift, self.acc.device)
+            self.keep_logits = takes_logits_to_keep(model)
 
         self.start_step, self.elapsed_before = 0, 0.0
         if resume_from:
@@ -153,6 +161,7 @@ class AdaptRecipe:
             f"{len(self.data)} sequences of {cfg.seq_len} from {self.data.n_sources} "
             f"{'pairs' if cfg.sft else 'documents'}"
             + (f" ({self.data.n_dropped} too long, left out)" if self.data.n_dropped else "")
+            + (f", block diffusion in blocks of {cfg.block_size}" if cfg.block_size else "")
             + f", global batch {self.global_batch} on {self.world} process(es) [{self.acc.device}]"
             + (f", resuming at step {self.start_step} from {resume_from.name}" if resume_from else ""))
 
@@ -192,8 +201,8 @@ class AdaptRecipe:
 
     def check_same_run(self, checkpoint: Path) -> None:
         saved = json.loads((checkpoint / DIFFUSION_CONFIG).read_text())["recipe"]
-        now = self.cfg.recipe()
-        differ = [k for k in now if k not in RUN_CONTROLS and saved.get(k) != now[k]]
+        now, default = self.cfg.recipe(), TrainConfig().recipe()  # a setting newer than the run: its default
+        differ = [k for k in now if k not in RUN_CONTROLS and saved.get(k, default[k]) != now[k]]
         if differ:
             raise HarnessError(f"--resume with settings that differ from the run in '{self.out}': "
                                + ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in differ))
@@ -237,12 +246,10 @@ class AdaptRecipe:
         n, seq = self.global_batch, cfg.seq_len
         index = self.order.indices(step * n, n)
         clean, loss_start = self.data.input_ids[index], self.data.loss_start[index]
-        t, u = sample_noise(generator(cfg.seed, step, NOISE), n, seq, cfg.min_t, cfg.stratified_t)
+        t, u = self.noise(step)
         noisy, masked = mask_tokens(clean, t, u, protected_positions(loss_start, seq, cfg.shift), self.mask_id)
         n_masked = max(int(masked.sum()), 1)  # over the global batch: every process draws all of it
-        ratio = anneal_ratio(step, cfg.anneal, cfg.anneal_steps)
-        attn = attention_mask(seq, cfg.batch_size, ratio, generator(cfg.seed, step, ATTENTION, acc.device),
-                              self.mask_dtype, acc.device)
+        attn = self.attention(step)
         torch.manual_seed(stream_seed(cfg.seed, step, DROPOUT))
 
         sums = torch.zeros(2, device=acc.device)
@@ -251,10 +258,9 @@ class AdaptRecipe:
             rows = slice(first, first + cfg.batch_size)
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                logits = self.model(input_ids=noisy[rows].to(acc.device), attention_mask=attn,
-                                    use_cache=False).logits
-                weighted, plain = masked_losses(logits, clean[rows].to(acc.device),
-                                                masked[rows].to(acc.device), t[rows], cfg.shift)
+                logits = self.logits(noisy[rows].to(acc.device), clean[rows].to(acc.device), attn)
+                weighted, plain = masked_losses(logits, clean[rows].to(acc.device), masked[rows].to(acc.device),
+                                                t[rows], cfg.shift and not cfg.block_size)  # block: aligned
                 # DDP/FSDP average gradients over processes: scale so the result is sum / n_masked.
                 acc.backward(weighted * (self.world / n_masked))
             sums += torch.stack([weighted.detach(), plain.detach()])
@@ -265,6 +271,27 @@ class AdaptRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         loss, unweighted = (acc.reduce(sums, reduction="sum") / n_masked).tolist()
         return loss, unweighted
+
+    def noise(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, u) of the global batch: t per sequence [n], or per token [n, N] (one rate per block)."""
+        cfg, gen = self.cfg, generator(self.cfg.seed, step, NOISE)
+        if cfg.block_size:
+            return sample_block_noise(gen, self.global_batch, cfg.seq_len, cfg.block_size, cfg.min_t, cfg.stratified_t)
+        return sample_noise(gen, self.global_batch, cfg.seq_len, cfg.min_t, cfg.stratified_t)
+
+    def attention(self, step: int) -> torch.Tensor:
+        """The step's additive 4-D mask: annealed [b, 1, N, N], or the fixed 2L block mask [b, 1, 2N, 2N]."""
+        cfg, acc = self.cfg, self.acc
+        if cfg.block_size:
+            return self.block_attn
+        return attention_mask(cfg.seq_len, cfg.batch_size, anneal_ratio(step, cfg.anneal, cfg.anneal_steps),
+                              generator(cfg.seed, step, ATTENTION, acc.device), self.mask_dtype, acc.device)
+
+    def logits(self, noisy: torch.Tensor, clean: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Logits [b, N, V] of one micro-batch; the block recipe's are aligned (row i predicts token i)."""
+        if self.cfg.block_size:
+            return two_stream_logits(self.model, noisy, clean, attn, self.read, self.keep_logits)
+        return self.model(input_ids=noisy, attention_mask=attn, use_cache=False).logits
 
     def train(self) -> dict[str, Any]:
         """The loop: steps, logging, checkpoints, final save and loss plot."""
@@ -337,6 +364,7 @@ class AdaptRecipe:
             self.tokenizer.save_pretrained(tmp)
             recipe = {**cfg.recipe(), "world_size": self.world}
             diffusion = {"format": "dlm-harness", "version": 1, "kind": "shifted" if cfg.shift else "unshifted",
+                         **({"block_size": cfg.block_size} if cfg.block_size else {}),  # block-causal on load
                          "mask_token_id": self.mask_id, "base_model": cfg.base,
                          "loss_normalisation": LOSS_NORMALISATION, "recipe": recipe,
                          "tokens_seen": step * self.global_batch * cfg.seq_len, "step": step, "git_sha": git_sha()}
