@@ -231,3 +231,14 @@ def test_a_card_block_size_must_be_a_positive_integer(tmp_path):
     card.write_text("name: m\nbackend: diffusion\nweights: {path: x}\ndiffusion: {mask_id: 3, block_size: 0}\n")
     with pytest.raises(HarnessError, match="block_size must be a positive integer"):
         load_model_card(card)
+
+
+def test_reports_name_the_cache_a_generation_ran_with():
+    from harness.report.collect import scoring
+
+    base = {"backend": "diffusion", "sampler": {"name": "llada", "steps": 16, "block_length": 8},
+            "estimator": {"method": "mc_time", "samples": 32}}
+    plain = {"model_fingerprint": {**base, "cache": {"mode": "none", "refresh": None}}}
+    cached = {"model_fingerprint": {**base, "cache": {"mode": "dual", "refresh": None}}}
+    assert scoring(plain, "generate_until") == "llada, 16 steps, block 8"
+    assert scoring(cached, "generate_until") == "llada, 16 steps, block 8, dual cache"

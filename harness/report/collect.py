@@ -105,9 +105,10 @@ def scoring(run: dict[str, Any], output_type: str | None) -> str:
         f", cfg {est['cfg_scale']}" if est.get("cfg_scale") else "") + (
         f", {est['greedy']} greedy check" if est.get("greedy") == "sequential" else "") + (
         ", no start token" if fp.get("start_token") == "none" else "")
+    cache = fp.get("cache") or {}
     sampler = f"{smp.get('name', '?')}, {smp.get('steps') or 'default'} steps" + "".join(
         f", {label} {smp[key]}" for key, label in (("block_length", "block"), ("temperature", "T"))
-        if smp.get(key))
+        if smp.get(key)) + (f", {cache['mode']} cache" if cache.get("mode", "none") != "none" else "")
     return {"loglikelihood": estimator, "rolling": estimator, "generate": sampler,
             "infill": sampler}.get(kind or "", f"{estimator}; {sampler}")
 
