@@ -153,3 +153,26 @@ def tiny_denoiser_model():
     torch.set_num_threads(1)
     yield tiny_denoiser()
     torch.set_num_threads(threads)
+
+
+# ---- the trainer's tests ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and the test machine is shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """80 lines of three random CORPUS texts each: what the tiny training runs read."""
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(CORPUS).replace("\n", " ") for _ in range(3)) for _ in range(80)))
+    return path

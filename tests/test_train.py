@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -20,7 +19,6 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import CORPUS
 from harness.errors import HarnessError
 from harness.train import data as train_data
 from harness.train.command import adapt
@@ -34,21 +32,7 @@ TINY = dict(steps=16, seq_len=32, batch_size=2, lr=3e-3, warmup_steps=2, anneal_
             keep_checkpoints=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(CORPUS).replace("\n", " ") for _ in range(3)) for _ in range(80)))
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(model_dir: Path, corpus: Path, out: Path, **settings) -> dict:

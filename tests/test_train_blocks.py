@@ -5,7 +5,6 @@ import itertools
 import json
 import math
 import os
-import random
 import re
 import shutil
 import socket
@@ -19,7 +18,7 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import CORPUS, build_tiny_model
+from conftest import build_tiny_model
 from harness.errors import HarnessError
 from harness.models.base import GenerateRequest, LoglikelihoodRequest
 from harness.models.diffusion.attention import BlockCausal, block_causal
@@ -37,20 +36,7 @@ TINY = dict(steps=16, seq_len=32, batch_size=2, lr=3e-3, warmup_steps=2, checkpo
             block_size=BLOCK)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(CORPUS).replace("\n", " ") for _ in range(3)) for _ in range(80)))
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(model_dir: Path, corpus: Path, out: Path, **settings) -> dict:

@@ -127,20 +127,14 @@ class DiffusionGemmaLM(LanguageModel):
     @classmethod
     def from_card(cls, card: ModelCard, settings: DiffusionGemmaSettings, *, device: str, dtype: str,
                   batch_size: int | str = 1) -> "DiffusionGemmaLM":
-        from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+        from transformers import DiffusionGemmaForBlockDiffusion
 
-        from harness.models.loading import resolve_weights, torch_dtype
+        from harness.models.loading import load_pretrained, resolve_weights
 
         parse_batch_size(batch_size)  # validated; requests decode one at a time (see the module docstring)
         weights = resolve_weights(card.weights)
-        local = {"local_files_only": True} if Path(weights).exists() else {}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(weights, **local)
-            model = DiffusionGemmaForBlockDiffusion.from_pretrained(weights, dtype=torch_dtype(dtype), **local)
-        except (OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise HarnessError(f"cannot load DiffusionGemma from '{weights}': {first}") from exc
-        model.to(device).eval()
+        model, tokenizer = load_pretrained(weights, DiffusionGemmaForBlockDiffusion, "DiffusionGemma", dtype=dtype,
+                                           device=device)
         return cls(model, tokenizer, name=card.name, weights=weights, dtype=dtype, device=device, settings=settings)
 
     # ---- settings -------------------------------------------------------------------------------

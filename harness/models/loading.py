@@ -108,16 +108,24 @@ def check_weights_present(path: Path) -> None:
 
 def load_causal_lm(weights: str, dtype: str = "float32", device: str = "cpu"):
     """Load a Hugging Face causal LM and its tokenizer from a directory or hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    return load_pretrained(weights, AutoModelForCausalLM, "a causal LM", dtype=dtype, device=device)
+
+
+def load_pretrained(weights: str, model_class: Any, what: str, *, dtype: str = "float32", device: str = "cpu"):
+    """``model_class.from_pretrained`` and its tokenizer, local files only for a directory or offline;
+    a failure is one line naming ``what`` was loaded."""
+    from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {}
     if os.environ.get("HF_HUB_OFFLINE") == "1" or Path(weights).exists():
         kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(weights, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch_dtype(dtype), **kwargs)
+        model = model_class.from_pretrained(weights, dtype=torch_dtype(dtype), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HarnessError(f"cannot load a causal LM from '{weights}': {first}") from exc
+        raise HarnessError(f"cannot load {what} from '{weights}': {first}") from exc
     model.to(device).eval()
     return model, tokenizer
