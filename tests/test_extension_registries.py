@@ -29,7 +29,8 @@ def scratch(monkeypatch):
 
 
 def test_the_registries_list_the_built_in_extensions():
-    assert list(FORMATS) == ["diffugpt", "diffullama", "smdm", "llada", "harness"]
+    assert list(FORMATS) == ["diffugpt", "diffullama", "smdm", "llada", "harness", "bd3lm", "sdar", "fast_dllm_v2",
+                             "dream", "llada2"]
     assert list(ESTIMATORS) == ["mc_time", "mc_count", "paper_grid", "paper_grid_forced", "chain_rule"]
     assert list(SAMPLERS) == ["diffugpt", "llada", "threshold", "entropy_bounded"]
     assert METHODS is ESTIMATORS and ", ".join(SAMPLERS) == "diffugpt, llada, threshold, entropy_bounded"
