@@ -145,14 +145,9 @@ class Spy:
 
 
 @pytest.fixture(scope="module")
-def tiny_denoiser_model():
+def tiny_denoiser_model(one_torch_thread):
     """The tiny denoiser, run on one thread: thread hand-offs dominate on a busy small machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_denoiser()
-    torch.set_num_threads(threads)
+    return tiny_denoiser()
 
 
 # ---- the trainer's tests ----------------------------------------------------------------------
@@ -176,3 +171,17 @@ def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(" ".join(rng.choice(CORPUS).replace("\n", " ") for _ in range(3)) for _ in range(80)))
     return path
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """``harness adapt`` through typer's test runner: ``cli(*args)`` -> result."""
+    import typer
+    from typer.testing import CliRunner
+
+    from harness.train.command import adapt
+
+    app = typer.Typer()
+    app.command()(adapt)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])

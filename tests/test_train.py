@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,19 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import typer
-from safetensors.torch import load_file
-from typer.testing import CliRunner
 
+from training import assert_same_weights, cli_args, free_port, log, subprocess_env
 from harness.errors import HarnessError
 from harness.train import data as train_data
-from harness.train.command import adapt
 from harness.train.config import build_config
 from harness.train.objective import (NOISE, LOSS_NORMALISATION, anneal_ratio, attention_mask, generator,
                                      mask_tokens, masked_losses, protected_positions, sample_noise)
 from harness.train.recipe import add_mask_token, lr_factor, run
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = dict(steps=16, seq_len=32, batch_size=2, lr=3e-3, warmup_steps=2, anneal_steps=6, checkpoint_every=8,
             keep_checkpoints=2)
 
@@ -46,21 +40,6 @@ def reference(tmp_path_factory, tiny_llama_dir, corpus) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
     train(tiny_llama_dir, corpus, out)
     return out
-
-
-def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(checkpoint / "model.safetensors"))
-
-
-def assert_same_weights(a: Path, b: Path, atol: float) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
-
-
-def log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- objective
@@ -284,17 +263,6 @@ def test_grad_accumulation_matches_a_larger_micro_batch(reference, tmp_path, tin
     assert_same_weights(out / "final", reference / "final", atol=1e-5)
 
 
-def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def cli_args(model_dir: Path, corpus: Path, out: Path, **settings) -> list[str]:
-    args = ["--base", str(model_dir), "--data", str(corpus), "--output", str(out)]
-    for key, value in {**TINY, **settings}.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
-
-
 SLOW_STEPS = """
 import sys, time
 from harness.train import recipe
@@ -309,7 +277,7 @@ main()
 def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tmp_path, tiny_llama_dir, corpus):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS,
-                             *cli_args(tiny_llama_dir, corpus, out, checkpoint_every=2)],
+                             *cli_args(tiny_llama_dir, corpus, out, {**TINY, "checkpoint_every": 2})],
                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (out / "checkpoint-4").exists() and proc.poll() is None and time.time() < deadline:
@@ -322,17 +290,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tmp_path, t
     assert len(list(out.glob("checkpoint-*"))) == 2  # keep_checkpoints
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(reference, tmp_path, tiny_llama_dir, corpus):
     """2 gloo processes x micro-batch 1 == 1 process x micro-batch 2 (the reference)."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "harness.train", *cli_args(tiny_llama_dir, corpus, out, batch_size=1)]
+           "-m", "harness.train", *cli_args(tiny_llama_dir, corpus, out, {**TINY, "batch_size": 1})]
     done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     spec = json.loads((out / "final" / "diffusion_config.json").read_text())
@@ -343,14 +305,6 @@ def test_two_processes_match_one(reference, tmp_path, tiny_llama_dir, corpus):
 
 
 # ----------------------------------------------------------------------------- bad input -> exit 2
-
-@pytest.fixture(scope="module")
-def cli():
-    app = typer.Typer()
-    app.command()(adapt)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args])
-
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory, tiny_tokenizer) -> Path:

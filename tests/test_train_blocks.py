@@ -4,33 +4,27 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import typer
-from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from conftest import build_tiny_model
+from training import assert_same_weights, cli_args, free_port, log, subprocess_env
 from harness.errors import HarnessError
 from harness.models.base import GenerateRequest, LoglikelihoodRequest
 from harness.models.diffusion.attention import BlockCausal, block_causal
 from harness.train import data as train_data
 from harness.train.blocks import (read_index, sample_block_noise, two_stream_allowed, two_stream_logits,
                                   two_stream_mask)
-from harness.train.command import adapt
 from harness.train.config import build_config
 from harness.train.objective import NOISE, generator, mask_tokens, masked_losses, protected_positions, sample_noise
 from harness.train.recipe import add_mask_token, run
 
-REPO = Path(__file__).resolve().parent.parent
 BLOCK = 8
 TINY = dict(steps=16, seq_len=32, batch_size=2, lr=3e-3, warmup_steps=2, checkpoint_every=8, keep_checkpoints=2,
             block_size=BLOCK)
@@ -50,17 +44,6 @@ def reference(tmp_path_factory, tiny_llama_dir, corpus) -> Path:
     out = tmp_path_factory.mktemp("block-reference") / "run"
     train(tiny_llama_dir, corpus, out)
     return out
-
-
-def log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
-def assert_same_weights(a: Path, b: Path, atol: float) -> None:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
 
 
 # ----------------------------------------------------------------------------- the 2L layout
@@ -256,22 +239,12 @@ def test_block_grad_accumulation_matches_a_larger_micro_batch(reference, tmp_pat
     assert_same_weights(out / "final", reference / "final", atol=1e-5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_block_two_processes_match_one(reference, tmp_path, tiny_llama_dir, corpus):
     """2 gloo processes x micro-batch 1 == 1 process x micro-batch 2 (the reference)."""
     out = tmp_path / "ddp"
-    args = ["--base", str(tiny_llama_dir), "--data", str(corpus), "--out", str(out)]
-    for key, value in {**TINY, "batch_size": 1}.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "harness.train", *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           "-m", "harness.train", *cli_args(tiny_llama_dir, corpus, out, {**TINY, "batch_size": 1})]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for mine, theirs in zip(log(out), log(reference), strict=True):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
@@ -279,14 +252,6 @@ def test_block_two_processes_match_one(reference, tmp_path, tiny_llama_dir, corp
 
 
 # ----------------------------------------------------------------------------- the CLI
-
-@pytest.fixture(scope="module")
-def cli():
-    app = typer.Typer()
-    app.command()(adapt)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args])
-
 
 def test_unshifted_block_run_through_the_cli(cli, tmp_path, tiny_llama_dir, corpus):
     from harness.models.factory import build_model

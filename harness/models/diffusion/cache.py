@@ -89,7 +89,7 @@ class BlockCache:
                 or (refresh is not None and self.since_full >= refresh))
         if not full:
             ranges = self.extension_ranges(blocks) if moved else self.query_ranges(mask, blocks)
-            full = not bool(self.recall(read, ranges)[1].all())  # a read neither computed now nor kept
+            full = not bool(self.served(read, ranges).all())  # a read neither computed now nor kept
         if full:
             if self.block_size:  # nothing after the current blocks is ever attended to
                 width = max(max(hi for _, hi in blocks), int(read.max()) + 1)
@@ -105,16 +105,18 @@ class BlockCache:
         self.cached_passes += 1
         return self.cached(ids, mask, read, blocks)
 
-    def recall(self, read: torch.Tensor, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """For reads outside the query ``ranges``: the kept logits of an earlier pass at the same
-        position [B, P, V] and which reads are served (inside the ranges, or kept) [B, P]."""
+    def served(self, read: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        """Which reads [B, P] a pass over the query ``ranges`` can answer: inside them, or kept."""
         lows = torch.tensor([lo for lo, _ in ranges], device=read.device)[:, None]
         highs = torch.tensor([hi for _, hi in ranges], device=read.device)[:, None]
+        kept = (read[:, :, None] == self.last[0][:, None, :]).any(-1)
+        return ((read >= lows) & (read < highs)) | kept
+
+    def recall(self, read: torch.Tensor) -> torch.Tensor:
+        """The kept logits [B, P, V] of an earlier pass at each read's position (where it has one)."""
         kept_read, kept_logits = self.last
-        same = read[:, :, None] == kept_read[:, None, :]
-        index = same.int().argmax(-1)
-        logits = kept_logits.gather(1, index[..., None].expand(-1, -1, kept_logits.shape[-1]))
-        return logits, ((read >= lows) & (read < highs)) | same.any(-1)
+        index = (read[:, :, None] == kept_read[:, None, :]).int().argmax(-1)
+        return kept_logits.gather(1, index[..., None].expand(-1, -1, kept_logits.shape[-1]))
 
     def query_ranges(self, mask: torch.Tensor, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
         if self.block_size:  # the block alone; a shifted model's read before it is the full pass's
@@ -144,7 +146,7 @@ class BlockCache:
         if bool(inside.all()):
             logits = fresh
         else:
-            logits = torch.where(inside[..., None], fresh, self.recall(read, [(0, 0)] * len(read))[0])
+            logits = torch.where(inside[..., None], fresh, self.recall(read))
         self.last = (read, logits)
         return logits
 

@@ -46,10 +46,6 @@ class Step(NamedTuple):
     count: int
 
 
-# Proposes tokens and confidences for one row from its float32 log-probs [n, V].
-Proposer = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-
-
 class Canvas:
     """The right-padded canvases of a batch, which fill positions are still masked, and the calls."""
 
@@ -220,3 +216,25 @@ def stop_at_eos(canvas: Canvas, eos: EosOptions) -> None:
         if (canvas.ids[row, canvas.starts[row]:canvas.starts[row] + done] == eos.eos_id).any():
             rest = masked.nonzero().squeeze(-1)
             canvas.reveal(row, rest, torch.full_like(rest, eos.eos_id))
+
+
+# Picks, for one row, what its current block reveals: from its log-probs [n, V] (EOS options
+# applied), which of the block's positions are still masked [n] and its generator, the positions
+# (indices into the block) and their tokens.
+BlockChoice = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def decode_adaptively(denoise: Denoiser, canvas: Canvas, eos: EosOptions, cfg_scale: float,
+                      choose: BlockChoice) -> SampleOutput:
+    """The loop of the adaptive block samplers (``threshold``, ``entropy_bounded``): one denoiser
+    call while any row has masked positions, read at each row's current block; each row reveals what
+    ``choose`` picks; then ``stop_at_eos``. At most n_tokens steps per row."""
+    while active := [row for row, masked in enumerate(canvas.masked) if masked.any()]:
+        logps = canvas.logprobs(denoise, cfg_scale, active, by_block=True)
+        for row in active:
+            start, stop = canvas.block(row)
+            positions, tokens = choose(eos.proposable(logps[row]), canvas.masked[row][start:stop],
+                                       canvas.generators[row])
+            canvas.reveal(row, start + positions, tokens)
+        stop_at_eos(canvas, eos)
+    return canvas.output(cfg_scale)

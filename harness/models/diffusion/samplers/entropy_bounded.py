@@ -19,7 +19,7 @@ import torch
 
 from harness.models.diffusion.estimators import Denoiser
 from harness.models.diffusion.samplers.common import (SAMPLERS, Canvas, EosOptions, FillRequest, SampleOutput,
-                                                      sample_tokens, stop_at_eos)
+                                                      decode_adaptively, sample_tokens)
 
 
 def token_entropy(logp: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -72,15 +72,12 @@ def entropy_bounded_sample(
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma!r}")
     eos = EosOptions(eos_id, eot_id, eos_stop, logits_eos_inf, confidence_eos_eot_inf)
-    canvas = Canvas(requests, mask_id, seed, block_length, aligned_blocks)
-    while active := [row for row, masked in enumerate(canvas.masked) if masked.any()]:
-        logps = canvas.logprobs(denoise, cfg_scale, active, by_block=True)
-        for row in active:
-            start, stop = canvas.block(row)
-            logp = eos.proposable(logps[row])
-            tokens, _ = sample_tokens(logp, canvas.generators[row], temperature=temperature, top_p=top_p)
-            masked = canvas.masked[row][start:stop].to(tokens.device)
-            chosen = entropy_bounded_positions(token_entropy(logp, temperature), masked, eos.demoted(tokens), gamma)
-            canvas.reveal(row, start + chosen, tokens[chosen])
-        stop_at_eos(canvas, eos)
-    return canvas.output(cfg_scale)
+
+    def choose(logp: torch.Tensor, masked: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, _ = sample_tokens(logp, gen, temperature=temperature, top_p=top_p)
+        chosen = entropy_bounded_positions(token_entropy(logp, temperature), masked.to(tokens.device),
+                                           eos.demoted(tokens), gamma)
+        return chosen, tokens[chosen]
+
+    return decode_adaptively(denoise, Canvas(requests, mask_id, seed, block_length, aligned_blocks), eos, cfg_scale,
+                             choose)

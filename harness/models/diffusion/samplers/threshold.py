@@ -19,7 +19,7 @@ import torch
 
 from harness.models.diffusion.estimators import Denoiser
 from harness.models.diffusion.samplers.common import (SAMPLERS, Canvas, EosOptions, FillRequest, SampleOutput,
-                                                      sample_tokens, stop_at_eos)
+                                                      decode_adaptively, sample_tokens)
 
 
 def threshold_rule(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -71,16 +71,12 @@ def threshold_sample(
     if factor is not None and factor <= 0:
         raise ValueError(f"factor must be > 0 or None, got {factor!r}")
     eos = EosOptions(eos_id, eot_id, eos_stop, logits_eos_inf, confidence_eos_eot_inf)
-    canvas = Canvas(requests, mask_id, seed, block_length, aligned_blocks)
-    while active := [row for row, masked in enumerate(canvas.masked) if masked.any()]:
-        logps = canvas.logprobs(denoise, cfg_scale, active, by_block=True)
-        for row in active:
-            start, stop = canvas.block(row)
-            tokens, confidence = sample_tokens(eos.proposable(logps[row]), canvas.generators[row],
-                                               temperature=temperature, top_p=top_p)
-            still_masked = canvas.masked[row][start:stop].to(confidence.device)
-            confidence = eos.rank(tokens, confidence).masked_fill(~still_masked, -torch.inf)
-            chosen = threshold_rule(confidence, threshold) if factor is None else factor_rule(confidence, factor)
-            canvas.reveal(row, start + chosen, tokens[chosen])
-        stop_at_eos(canvas, eos)
-    return canvas.output(cfg_scale)
+
+    def choose(logp: torch.Tensor, masked: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, confidence = sample_tokens(logp, gen, temperature=temperature, top_p=top_p)
+        confidence = eos.rank(tokens, confidence).masked_fill(~masked.to(confidence.device), -torch.inf)
+        chosen = threshold_rule(confidence, threshold) if factor is None else factor_rule(confidence, factor)
+        return chosen, tokens[chosen]
+
+    return decode_adaptively(denoise, Canvas(requests, mask_id, seed, block_length, aligned_blocks), eos, cfg_scale,
+                             choose)
