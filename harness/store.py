@@ -7,7 +7,10 @@ WAL mode and a busy timeout let several runs write to one store at once.
 Schema versions (``PRAGMA user_version``): 1 (or 0, unset) is the original schema; 2 adds each task
 result's metric specs and output type (``task_results.metric_specs``, ``task_results.output_type``).
 Opening an older store adds the columns, NULL for the results already stored; readers get
-``specs=None`` and ``output_type=None`` for those and decide their own fallback.
+``specs=None`` and ``output_type=None`` for those and decide their own fallback. Schema 3 adds
+``records.cache_key`` (see ``harness.runner.cache_key``): a record stored by any run is reused by
+another whose document, rendered requests, task spec, model fingerprint and seed are the same.
+Records stored before schema 3 have none and are never reused across runs.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ CREATE TABLE IF NOT EXISTS records (
     doc_id INTEGER NOT NULL,
     metrics TEXT NOT NULL,                -- JSON: per-example metrics
     record TEXT NOT NULL,                 -- JSON: the sample line
+    cache_key TEXT,                       -- what determined it (schema 3; NULL in older stores)
     PRIMARY KEY (run_id, task, doc_id)
 );
 CREATE TABLE IF NOT EXISTS measurements (
@@ -61,9 +65,10 @@ CREATE TABLE IF NOT EXISTS measurements (
     PRIMARY KEY (run_id, seq)
 );
 """
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # columns added since schema 1: (table, column, declaration)
-MIGRATIONS = (("task_results", "metric_specs", "TEXT"), ("task_results", "output_type", "TEXT"))
+MIGRATIONS = (("task_results", "metric_specs", "TEXT"), ("task_results", "output_type", "TEXT"),
+              ("records", "cache_key", "TEXT"))
 
 
 def default_store_path(output_dir: Path) -> Path:
@@ -85,6 +90,7 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
             self.migrate()
+            self.db.execute("CREATE INDEX IF NOT EXISTS records_cache_key ON records(cache_key)")
         except sqlite3.DatabaseError as exc:
             raise HarnessError(f"'{self.path}' is not a harness store ({exc})") from exc
 
@@ -140,6 +146,12 @@ class Store:
         with self.transaction() as db:
             db.execute("UPDATE runs SET status=?, updated_at=? WHERE run_id=?", (status, time.time(), run_id))
 
+    def delete_run(self, run_id: str) -> None:
+        """Remove a run, its task results, records and measurements in one transaction."""
+        with self.transaction() as db:
+            for table in ("records", "task_results", "measurements", "runs"):
+                db.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+
     def runs(self, kind: str | None = None) -> list[dict[str, Any]]:
         query = "SELECT * FROM runs" + (" WHERE kind=?" if kind else "") + " ORDER BY created_at"
         cursor = self.db.execute(query, (kind,) if kind else ())
@@ -165,11 +177,26 @@ class Store:
         rows = self.db.execute("SELECT doc_id FROM records WHERE run_id=? AND task=?", (run_id, task))
         return {r[0] for r in rows}
 
-    def add_records(self, run_id: str, task: str, items: list[tuple[int, dict, dict]]) -> None:
-        """Append (doc_id, metrics, record) rows in one transaction; rows already stored are kept."""
+    def add_records(self, run_id: str, task: str, items: list[tuple[int, dict, dict]],
+                    keys: list[str | None] | None = None) -> None:
+        """Append (doc_id, metrics, record) rows in one transaction, with their cache keys; rows
+        already stored are kept."""
+        keys = keys or [None] * len(items)
         with self.transaction() as db:
-            db.executemany("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?)",
-                           [(run_id, task, doc_id, json.dumps(m), json.dumps(r)) for doc_id, m, r in items])
+            db.executemany("INSERT OR IGNORE INTO records (run_id, task, doc_id, metrics, record, cache_key) "
+                           "VALUES (?,?,?,?,?,?)", [(run_id, task, doc_id, json.dumps(m), json.dumps(r), key)
+                                                    for (doc_id, m, r), key in zip(items, keys)])
+
+    def cached(self, keys: list[str]) -> dict[str, tuple[dict, dict]]:
+        """{cache key: (metrics, record)} of the stored records with these keys (any run)."""
+        found: dict[str, tuple[dict, dict]] = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            rows = self.db.execute(f"SELECT cache_key, metrics, record FROM records WHERE cache_key IN "
+                                   f"({','.join('?' * len(part))})", part)
+            for key, metrics, record in rows:
+                found.setdefault(key, (json.loads(metrics), json.loads(record)))
+        return found
 
     def records(self, run_id: str, task: str) -> list[tuple[int, dict, dict]]:
         rows = self.db.execute("SELECT doc_id, metrics, record FROM records WHERE run_id=? AND task=? "

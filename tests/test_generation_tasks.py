@@ -42,7 +42,8 @@ def task(name, data_dir, **options):
 
 
 @pytest.mark.parametrize("name, count, field", [
-    ("triviaqa", 3000, "Question: Brunswick, Lancastrian and Pearl Pickler are types of which vegetable?\nAnswer:"),
+    ("triviaqa", 3000, "Question: Brunswick, Lancastrian and Pearl Pickler are types of which vegetable??\nAnswer:"),
+    ("triviaqa_foundry", 3000, "Question: Brunswick, Lancastrian and Pearl Pickler are types of which vegetable?\nAnswer:"),
     ("squad", 10570, "\n\nQuestion: Which NFL team represented the AFC at Super Bowl 50?\n\nAnswer:"),
     ("triviaqa_diffugpt", 2000, "\nQuesionWhich NFL team represented the AFC at Super Bowl 50??\nAnswer: "),
     ("gsm8k", 1319, "\n\nQuestion: Janet’s ducks lay 16 eggs per day."),
@@ -100,7 +101,7 @@ def test_settings_record_every_generation_option(data_dir):
     settings = task("gsm8k", data_dir, allow_code_exec=True).settings()
     assert settings["options"] == {"prompt": "Question: {question}\nAnswer:",
                                    "until": ["Question:", "</s>", "<|im_end|>"], "max_tokens": 256,
-                                   "num_fewshot": 5, "fewshot_seed": 1234, "max_docs": None}
+                                   "num_fewshot": 5, "fewshot_seed": 1234, "fewshot_sampler": "seeded", "max_docs": None}
 
 
 def test_unknown_option_and_bad_length_are_clear_errors(data_dir):
@@ -116,7 +117,11 @@ def test_process_extracts_and_scores(data_dir):
     metrics, extra = gsm.process(doc, [GenerationResult(" 16 - 3 - 4 = 9 and 9 * 2 = 18\n#### 18", 20, 20)])
     assert metrics == {"exact_match_strict": 1.0, "exact_match_flexible": 1.0} and extra["target"] == "18"
     trivia = task("triviaqa", data_dir)
-    metrics, _ = trivia.process(trivia.docs()[0], [GenerationResult(" onions", 2, 2)])
+    assert trivia.process(trivia.docs()[0], [GenerationResult(" onions", 2, 2)])[0] == {"exact_match": 1.0}
+    # lm-eval's definition: no article removal, no space collapsing
+    assert trivia.process(trivia.docs()[0], [GenerationResult(" the onions", 2, 2)])[0] == {"exact_match": 0.0}
+    foundry = task("triviaqa_foundry", data_dir)
+    metrics, _ = foundry.process(foundry.docs()[0], [GenerationResult(" the onions", 2, 2)])
     assert metrics == {"exact_match": 1.0, "f1": 1.0, "contains": 1.0}
     sat = task("sat_math", data_dir)
     assert sat.process(sat.docs()[0], [GenerationResult(" (D)10", 3, 3)])[0] == {"acc": 1.0}
@@ -146,7 +151,7 @@ def test_end_to_end_generation_run(model_fixture, request, data_dir, tmp_path):
     config = RunConfig(model=str(model_dir), tasks=["lambada_gen", "triviaqa"], limit=2, data_dir=data_dir,
                        output=tmp_path, task_options={"triviaqa": {"max_tokens": 6}})
     results = evaluate(config)
-    assert set(results["results"]["triviaqa"]) >= {"exact_match,none", "f1,none", "contains,none"}
+    assert set(results["results"]["triviaqa"]) >= {"exact_match,none", "exact_match_stderr,none"}
     assert results["configs"]["lambada_gen"]["options"]["length"] == "oracle"
     assert results["configs"]["triviaqa"]["options"]["max_tokens"] == 6
     records = samples(results, tmp_path, "lambada_gen")

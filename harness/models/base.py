@@ -85,6 +85,36 @@ class LanguageModel(ABC):
     name: str = "model"
     is_diffusion: bool = False
     seed: int = 1234  # the runner sets it; stochastic scorers derive per-request seeds from it
+    tokenizer: Any = None  # a Hugging Face tokenizer, where the backend has one (chat templates)
+
+    def chat_template(self, name: str = "default") -> str:
+        """The text of the tokenizer's chat template (``name``: one of its named templates)."""
+        from harness.errors import HarnessError
+
+        templates = getattr(self.tokenizer, "chat_template", None)
+        if not templates:
+            raise HarnessError(f"--apply_chat_template: the tokenizer of '{self.name}' has no chat template")
+        if isinstance(templates, dict):
+            if name not in templates:
+                raise HarnessError(f"--apply_chat_template {name}: the tokenizer of '{self.name}' has the "
+                                   f"templates {', '.join(sorted(templates))}")
+            return templates[name]
+        if name != "default":
+            raise HarnessError(f"--apply_chat_template {name}: the tokenizer of '{self.name}' has one unnamed template")
+        return templates
+
+    def render_chat(self, messages: list[dict[str, str]], template: str = "default") -> str:
+        """``messages`` rendered by the chat template, with the generation prompt (lm-eval's
+        ``apply_chat_template``: a template that rejects the system role is retried without it)."""
+        import jinja2
+
+        text = self.chat_template(template)
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=text, tokenize=False,
+                                                      add_generation_prompt=True)
+        except jinja2.exceptions.TemplateError:
+            return self.tokenizer.apply_chat_template([m for m in messages if m["role"] != "system"],
+                                                      chat_template=text, tokenize=False, add_generation_prompt=True)
 
     @property
     @abstractmethod

@@ -110,7 +110,7 @@ class DiffusionGemmaLM(LanguageModel):
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if self.settings.chat_template and not has_template:
             raise HarnessError(f"chat_template=true, but the tokenizer of '{name}' has no chat template")
-        self.chat_template = has_template if self.settings.chat_template is None else self.settings.chat_template
+        self.wrap_chat = has_template if self.settings.chat_template is None else self.settings.chat_template
         self.canvas_length = int(model.config.canvas_length)
         self.max_length = self.settings.max_length or model.config.get_text_config().max_position_embeddings
         gen = model.generation_config
@@ -170,7 +170,7 @@ class DiffusionGemmaLM(LanguageModel):
     def fingerprint(self) -> dict[str, Any]:
         sampler = self.sampler_settings()
         return {"backend": "diffusion_gemma", "name": self.name, "weights": self.weights, "dtype": self.dtype,
-                "device": self.device, "batch_size": 1, "seed": self.seed, "chat_template": self.chat_template,
+                "device": self.device, "batch_size": 1, "seed": self.seed, "chat_template": self.wrap_chat,
                 "infill_mode": self.settings.infill_mode, "max_length": self.max_length,
                 "canvas_length": self.canvas_length, "eos_token_id": self.eos_ids, "pad_token_id": self.pad_id,
                 # steps: max_denoising_steps, the most decoder passes a canvas gets
@@ -199,7 +199,7 @@ class DiffusionGemmaLM(LanguageModel):
     # ---- generation and infilling ---------------------------------------------------------------
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerationResult]:
         """Continue each context (one chat turn when ``chat_template``); stop sequences cut the text."""
-        return [self._run(self.prompt_ids(r.context, self.chat_template),
+        return [self._run(self.prompt_ids(r.context, self.wrap_chat),
                           token_budget(r.max_tokens, r.reference, self.encode), tuple(r.until),
                           stable_hash([r.context, r.max_tokens]), r.gen_kwargs) for r in requests]
 

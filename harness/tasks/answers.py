@@ -1,12 +1,15 @@
 """Answer extraction and comparison for generation tasks.
 
+* lm-eval's ``exact_match`` metric (``lm_eval_exact_match``): the regexes to ignore removed in
+  order, then optionally lower case, no punctuation (``string.punctuation``), no digits; the texts
+  must then be equal, with nothing else normalised. A prediction matches when it equals any reference.
 * QA: SQuAD's official normalisation (lower case, no punctuation, no articles a/an/the, single
   spaces), exact match and token F1, each the maximum over the gold answers; ``contains_match``
   is the DiffuGPT evaluation script's "em acc" (a normalised gold answer occurs in the
   normalised prediction).
 * GSM8K: lm-eval's two filters: strict (the number after "#### ") and flexible (the last number
-  in the text), compared as strings after lm-eval's clean-up (no commas, no "$", nothing up to
-  "#### ", no final ".", lower case).
+  in the text), compared by lm-eval's exact match with its gsm8k settings (``GSM8K_IGNORE``: no
+  commas, no "$", nothing up to "#### ", no final "."; lower case).
 * Numbers: parsed after removing commas, "$" and a final "."; equal within a relative tolerance.
 * Multiple choice: the first standalone option letter.
 """
@@ -21,6 +24,32 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 GSM8K_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+GSM8K_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
+
+
+def lm_eval_exact_match(prediction: str, references: Sequence[str], *, regexes_to_ignore: Sequence[str] = (),
+                        ignore_case: bool = False, ignore_punctuation: bool = False,
+                        ignore_numbers: bool = False) -> float:
+    """lm-eval's exact match of one prediction against any of ``references`` (see the module docstring)."""
+    def clean(text: str) -> str:
+        for pattern in regexes_to_ignore:
+            text = re.sub(pattern, "", text)
+        if ignore_case:
+            text = text.lower()
+        if ignore_punctuation:
+            text = text.translate(_NO_PUNCTUATION)
+        if ignore_numbers:
+            text = text.translate(_NO_DIGITS)
+        return text
+
+    cleaned = clean(prediction)
+    return float(any(cleaned == clean(reference) for reference in references))
+
+
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_NO_DIGITS = str.maketrans("", "", string.digits)
 
 
 def normalize_answer(text: str) -> str:
@@ -86,9 +115,10 @@ def numbers_match(prediction: float | None, gold: float, rel_tol: float) -> bool
 
 
 def gsm8k_exact_match(text: str, solution: str) -> dict[str, float]:
-    """lm-eval's gsm8k exact match of both extractions against the solution's "#### n"."""
-    target = clean_number_text(solution)
-    return {name: float(found is not None and clean_number_text(found) == target)
+    """lm-eval's gsm8k exact match of both extractions against the solution (a text without a
+    match is lm-eval's "[invalid]", which matches nothing)."""
+    return {name: 0.0 if found is None else
+            lm_eval_exact_match(found, [solution], regexes_to_ignore=GSM8K_IGNORE, ignore_case=True)
             for name, found in (("strict", gsm8k_strict(text)), ("flexible", gsm8k_flexible(text)))}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -12,17 +13,29 @@ from harness.models.base import (GenerateRequest, InfillRequest, LoglikelihoodRe
                                  RollingRequest)
 from harness.scoring.metric import Metric, Metrics, fraction_metrics
 from harness.tasks.data import hub_rows, local_paths
+from harness.tasks.prompt_format import PLAIN, PromptFormat
 
 Request = LoglikelihoodRequest | GenerateRequest | InfillRequest | RollingRequest
 # what a task asks of the model (lm-eval's names, plus "infill"); stored with each task result, it
 # tells the report how a run scored the task (exact log-likelihood or an estimator, a sampler, ...)
 OUTPUT_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling", "generate_until", "infill")
+# how few-shot examples are drawn: "seeded" (per document: random.Random(f"{fewshot_seed}:{doc id}"),
+# so a document's prompt does not depend on the limit, the order, the shard or a resume) or "lm-eval"
+# (lm-eval's default sampler: one random.Random(fewshot_seed) stream, document i gets the (i+1)-th
+# draw, as lm-eval's evaluator visits documents in order)
+FEWSHOT_SAMPLERS = ("seeded", "lm-eval")
+# options any task takes: the runner's sandbox switch and the run-wide few-shot and generation settings
+GENERIC_OPTIONS = ("allow_code_exec", "num_fewshot", "fewshot_seed", "fewshot_sampler", "gen_kwargs")
 
 
 class Task:
     """Base class. Subclasses read docs and define ``requests`` and ``process``."""
 
     output_type: ClassVar[str] = "loglikelihood"  # one of OUTPUT_TYPES
+    # the run sets it (harness.tasks.prompt_format) where ``formats_prompts``: the task lays its
+    # prompts out with it; other tasks (perplexity, infilling, the papers' scripts) keep their own
+    prompt_format: PromptFormat = PLAIN
+    formats_prompts: ClassVar[bool] = False
     # the metric specs (harness.scoring.metric): aggregation, direction, unit, exactly one primary
     metrics: ClassVar[Metrics] = Metrics()
     version: ClassVar[int] = 1
@@ -38,6 +51,12 @@ class Task:
         self.spec, self.data_dir = spec, data_dir
         self.options = {**spec.options, **(options or {})}
         self._docs: list[dict[str, Any]] | None = None
+        # the lm-eval sampler's stream and its draws so far, by document id
+        self._stream, self._draws = random.Random(self.options.get("fewshot_seed", 1234)), []
+        sampler = self.options.get("fewshot_sampler", "seeded")
+        if sampler not in FEWSHOT_SAMPLERS:
+            raise HarnessError(f"task '{spec.name}': fewshot_sampler must be one of {', '.join(FEWSHOT_SAMPLERS)}, "
+                               f"not '{sampler}'")
 
     @property
     def name(self) -> str:
@@ -66,8 +85,8 @@ class Task:
 
     def options_with(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """``defaults`` under the given options; an option the task does not take is a one-line error
-        (``allow_code_exec`` is the runner's, and always allowed)."""
-        unknown = sorted(set(self.options) - set(defaults) - {"allow_code_exec"})
+        (the run-wide ``GENERIC_OPTIONS`` are always allowed)."""
+        unknown = sorted(set(self.options) - set(defaults) - set(GENERIC_OPTIONS))
         if unknown:
             raise HarnessError(f"task '{self.name}': unknown option(s) {', '.join(unknown)} "
                                f"(known: {', '.join(sorted(defaults))})")
@@ -79,6 +98,31 @@ class Task:
         cap = min((n for n in (self.options.get("max_docs"), limit) if n), default=None)
         docs = self.docs()
         return docs[:cap] if cap else docs
+
+    # ---- few-shot examples ------------------------------------------------------------------
+    def fewshot_pool(self) -> tuple[list[dict[str, Any]], bool]:
+        """(examples to draw from, whether they are the evaluated documents themselves, so that a
+        document is never its own example). Tasks without examples refuse ``num_fewshot``."""
+        raise HarnessError(f"task '{self.name}' has no few-shot examples (num_fewshot must be 0)")
+
+    def shots(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        """The ``num_fewshot`` examples of ``doc`` under ``fewshot_sampler`` (see FEWSHOT_SAMPLERS)."""
+        k = self.options.get("num_fewshot") or 0
+        if not k:
+            return []
+        if type(k) is not int or k < 0:
+            raise HarnessError(f"task '{self.name}': num_fewshot must be a non-negative integer, not {k!r}")
+        pool, same_split = self.fewshot_pool()
+        if k + same_split > len(pool):
+            raise HarnessError(f"task '{self.name}': num_fewshot={k} but only {len(pool) - same_split} examples")
+        seed = self.options.get("fewshot_seed", 1234)
+        if self.options.get("fewshot_sampler", "seeded") == "seeded":
+            indices = [i for i in range(len(pool)) if not (same_split and i == doc["id"])]
+            return [pool[i] for i in random.Random(f"{seed}:{doc['id']}").sample(indices, k)]
+        while len(self._draws) <= doc["id"]:  # lm-eval samples k + 1 from the test split, then drops the doc
+            self._draws.append(self._stream.sample(range(len(pool)), k + same_split))
+        drawn = [i for i in self._draws[doc["id"]] if not (same_split and i == doc["id"])]
+        return [pool[i] for i in drawn[:k]]
 
     def read_local(self, paths: dict[str, Path]) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -111,11 +155,27 @@ class MultipleChoiceTask(Task):
 
     output_type = "multiple_choice"
     metrics = fraction_metrics("acc", "acc_norm")
+    formats_prompts = True
+
+    def fewshot_pool(self):
+        return self.docs(), True  # lm-eval draws from the evaluated split when a task has no other
+
+    @staticmethod
+    def answers(doc: dict[str, Any]) -> list[str]:
+        """Each choice's scored text without its leading delimiter."""
+        return [c[1:] if c.startswith(" ") else c for c in doc["continuations"]] if "continuations" in doc \
+            else list(doc["choices"])
+
+    @staticmethod
+    def questions(doc: dict[str, Any]) -> list[str]:
+        return doc["contexts"] if "contexts" in doc else [doc["context"]] * len(doc["choices"])
 
     def requests(self, doc: dict[str, Any]) -> list[Request]:
-        contexts = doc["contexts"] if "contexts" in doc else [doc["context"]] * len(doc["choices"])
-        continuations = doc.get("continuations") or [" " + c for c in doc["choices"]]
-        return [LoglikelihoodRequest(ctx, cont, group=str(doc["id"])) for ctx, cont in zip(contexts, continuations)]
+        """Each choice after the prompt (few-shot examples answered with their gold choice)."""
+        shots = [(self.questions(ex)[ex["gold"]], self.answers(ex)[ex["gold"]]) for ex in self.shots(doc)]
+        delimiter = self.prompt_format.answer_delimiter(" ")
+        return [LoglikelihoodRequest(self.prompt_format.context(shots, question), delimiter + answer, group=str(doc["id"]))
+                for question, answer in zip(self.questions(doc), self.answers(doc))]
 
     def process(self, doc, results: list[LoglikelihoodResult]):
         lls = [r.logprob for r in results]

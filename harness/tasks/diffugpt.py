@@ -35,7 +35,7 @@ from harness.models.base import GenerateRequest, GenerationResult, Loglikelihood
 from harness.scoring.metric import fraction_metrics
 from harness.tasks.answers import contains_match, exact_match, f1, normalize_answer
 from harness.tasks.base import MultipleChoiceTask
-from harness.tasks.generation import SQuAD, TriviaQA, skip_record, unique, was_skipped
+from harness.tasks.generation import SQuAD, TriviaQAFoundry, skip_record, unique, was_skipped
 from harness.tasks.likelihood import PIQA, HellaSwag, SocialIQA, WinoGrande
 
 SCRIPTS = ("eval-diffugpt", "eval-llm")
@@ -62,6 +62,11 @@ class ScriptChoiceTask(MultipleChoiceTask):
     @property
     def script(self) -> str:
         return self.options["script"]
+
+    formats_prompts = False  # the script's own segments, zero-shot
+
+    def fewshot_pool(self):
+        raise HarnessError(f"task '{self.name}' is a zero-shot paper protocol (num_fewshot must be 0)")
 
     def choices(self, doc: dict[str, Any]) -> Choices:
         raise NotImplementedError
@@ -141,6 +146,8 @@ def alias_match(prediction: str, aliases: Sequence[str]) -> float:
 class ScriptQA:
     """Mixin: the prompt, then a budget of the longest gold answer in tokens (all golds as the reference)."""
 
+    formats_prompts = False  # the script's prompt, zero-shot
+
     def requests(self, doc):
         prompt = self.prompt(doc)
         tokens, reference = self.budget(unique(doc["answers"]), prompt)
@@ -169,7 +176,7 @@ class TriviaQADiffuGPT(ScriptQA, SQuAD):
         return {"contains": contains_match(prediction, golds), "f1": f1(prediction, golds)}
 
 
-class TriviaQAPaper(ScriptQA, TriviaQA):
+class TriviaQAPaper(ScriptQA, TriviaQAFoundry):
     """Real TriviaQA with the protocol ``eval-llm.py`` meant: first 2,000 questions, aliases as golds."""
 
     metrics = fraction_metrics("contains", "exact_match", "f1")

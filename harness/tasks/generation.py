@@ -13,16 +13,18 @@ With several gold answers the reference is the longest one in characters, or, wh
 passes them all, the longest in tokens; a reference gets a leading space unless the prompt
 ends in whitespace.
 
-``gen_kwargs()`` turns the options ``diffusion_steps`` and ``max_input_tokens`` (where a task
-has them; None: unset) into the request's per-task sampler settings (``harness.models.base.GEN_KWARGS``).
+``gen_kwargs()`` turns the options ``diffusion_steps``, ``max_input_tokens``, ``temperature`` and
+``top_p`` (where a task has them; None: unset) into the request's per-task sampler settings
+(``harness.models.base.GEN_KWARGS``). The option ``gen_kwargs`` (``--gen_kwargs``, lm-eval's names:
+``max_gen_toks``, ``until``, ``do_sample``, ``temperature``, ``top_p``) overrides the budget, the
+stop sequences and the sampling of every request.
 
-Few-shot examples are drawn per document with ``random.Random(f"{fewshot_seed}:{doc id}")``,
-so a document's prompt does not depend on the run seed, the limit, the shard or a resume.
+Few-shot examples come from ``Task.shots`` (``num_fewshot``, ``fewshot_seed``, ``fewshot_sampler``)
+and are laid out by the run's prompt format (plain text or the chat template).
 """
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -31,28 +33,55 @@ from harness.config import TaskSpec
 from harness.errors import HarnessError
 from harness.models.base import GenerateRequest, GenerationResult
 from harness.tasks.answers import (clean_number_text, contains_match, exact_match, extract_choice, f1,
-                                   gsm8k_exact_match, gsm8k_flexible, gsm8k_strict, numeric_match)
+                                   gsm8k_exact_match, gsm8k_flexible, gsm8k_strict, lm_eval_exact_match,
+                                   numeric_match)
 from harness.scoring.metric import fraction_metrics
 from harness.tasks.base import Task
 from harness.tasks.data import hub_rows
 from harness.tasks.likelihood import read_jsonl
 
 LENGTH_PROTOCOLS = ("fixed", "oracle", "chars")
+GEN_KWARG_KEYS = ("max_gen_toks", "until", "do_sample", "temperature", "top_p")
 
 
 class GenerationTask(Task):
     """Options with defaults, the length protocol, seeded few-shot examples; one request per document."""
 
     output_type = "generate_until"
+    formats_prompts = True
     defaults: ClassVar[dict[str, Any]] = {}
     budget_option: ClassVar[str] = "max_tokens"  # the option holding the fixed budget
 
     def __init__(self, spec: TaskSpec, data_dir: Path | None, options: dict[str, Any] | None = None):
         super().__init__(spec, data_dir, options)
-        self.options = self.options_with(self.defaults)
+        self.options = self.with_gen_kwargs(self.options_with(self.defaults))
         if self.options.get("length", "fixed") not in LENGTH_PROTOCOLS:
             raise HarnessError(f"task '{self.name}': length must be one of {', '.join(LENGTH_PROTOCOLS)}, "
                                f"not '{self.options['length']}'")
+
+    def with_gen_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with the ``gen_kwargs`` option applied (see the module docstring)."""
+        given = options.pop("gen_kwargs", None) or {}
+        unknown = sorted(set(given) - set(GEN_KWARG_KEYS))
+        if unknown:
+            raise HarnessError(f"task '{self.name}': unknown gen_kwargs {', '.join(unknown)} "
+                               f"(known: {', '.join(GEN_KWARG_KEYS)})")
+        if "max_gen_toks" in given:
+            if type(given["max_gen_toks"]) is not int or given["max_gen_toks"] < 1:
+                raise HarnessError(f"task '{self.name}': max_gen_toks must be a positive integer, "
+                                   f"not {given['max_gen_toks']!r}")
+            options[self.budget_option] = given["max_gen_toks"]
+        if "until" in given:
+            until = given["until"]
+            options["until"] = [until] if isinstance(until, str) else list(until)
+        if given.get("do_sample") is False:
+            options["temperature"] = 0.0
+        for key in ("temperature", "top_p"):
+            if key in given:
+                if not isinstance(given[key], (int, float)) or isinstance(given[key], bool) or given[key] < 0:
+                    raise HarnessError(f"task '{self.name}': {key} must be a non-negative number, not {given[key]!r}")
+                options[key] = float(given[key])
+        return options
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()
@@ -74,20 +103,18 @@ class GenerationTask(Task):
 
     def gen_kwargs(self) -> dict[str, Any]:
         """Per-request sampler settings from the options (see the module docstring)."""
-        pairs = {"steps": "diffusion_steps", "max_input_tokens": "max_input_tokens"}
+        pairs = {"steps": "diffusion_steps", "max_input_tokens": "max_input_tokens", "temperature": "temperature",
+                 "top_p": "top_p"}
         return {key: self.options[option] for key, option in pairs.items() if self.options.get(option) is not None}
-
-    def fewshot(self, doc: dict[str, Any], pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``num_fewshot`` examples from ``pool``, drawn with a generator seeded by the document id."""
-        k = self.options.get("num_fewshot", 0)
-        if not k:
-            return []
-        if k > len(pool):
-            raise HarnessError(f"task '{self.name}': num_fewshot={k} but only {len(pool)} examples to draw from")
-        return random.Random(f"{self.options['fewshot_seed']}:{doc['id']}").sample(pool, k)
 
     def prompt(self, doc: dict[str, Any]) -> str:
         return self.options["prompt"].format(**doc)
+
+    def context(self, doc: dict[str, Any], answer: Any = lambda example: example["answer"]) -> str:
+        """The prompt of ``doc`` after its few-shot examples (each answered by ``answer``), laid out by
+        the run's prompt format."""
+        shots = [(self.prompt(example), answer(example)) for example in self.shots(doc)]
+        return self.prompt_format.context(shots, self.prompt(doc))
 
 
 def longest(answers: list[str]) -> str:
@@ -112,9 +139,10 @@ class QATask(GenerationTask):
     metrics = fraction_metrics("exact_match", "f1", "contains")
 
     def requests(self, doc):
-        prompt = self.prompt(doc)
+        prompt = self.context(doc)
         tokens, reference = self.budget(longest(doc["answers"]), prompt)
-        return [GenerateRequest(prompt, tokens, tuple(self.options["until"]), reference=reference)]
+        return [GenerateRequest(prompt, tokens, tuple(self.options["until"]), reference=reference,
+                                gen_kwargs=self.gen_kwargs())]
 
     def process(self, doc, results: list[GenerationResult]):
         prediction = results[0].text.strip()
@@ -124,8 +152,9 @@ class QATask(GenerationTask):
         return metrics, {"prediction": prediction, "target": golds, "length": self.options["length"]}
 
 
-class TriviaQA(QATask):
-    """Closed-book TriviaQA; answers = the aliases (plus the answer). Stops as lm-eval's triviaqa."""
+class TriviaQAFoundry(QATask):
+    """Closed-book TriviaQA as llm-foundry prompts it ("Question: …\nAnswer:"), 32 tokens, lm-eval's
+    stops; exact match, F1 and "contains" under SQuAD's normalisation over the aliases and the answer."""
 
     defaults = {"prompt": "Question: {question}\nAnswer:", "until": ["\n", ".", ","], "max_tokens": 32,
                 "length": "fixed", "oracle_slack": 0, "max_docs": None}
@@ -136,12 +165,29 @@ class TriviaQA(QATask):
             found = re.fullmatch(r"Question: (.*)\nAnswer:", row["context"], flags=re.S)
             if not found:
                 raise HarnessError(f"{paths['rows']}: unexpected context {row['context'][:60]!r}")
-            docs.append({"question": found.group(1), "answers": unique([row["answer"], *row["aliases"]])})
+            docs.append({"question": found.group(1), "aliases": row["aliases"],
+                         "answers": unique([row["answer"], *row["aliases"]])})
         return docs
 
     def from_hub(self, row):
         answer = row["answer"]
-        return {"question": row["question"], "answers": unique([answer["value"], *answer["aliases"]])}
+        return {"question": row["question"], "aliases": list(answer["aliases"]),
+                "answers": unique([answer["value"], *answer["aliases"]])}
+
+
+class TriviaQA(TriviaQAFoundry):
+    """lm-eval's ``triviaqa``: "Question: {question}?\nAnswer:", its stops, its backends' default budget
+    (256 tokens); ``exact_match`` is lm-eval's: the stripped answer, lower-cased and without
+    punctuation, equals an alias (the aliases only) treated the same way."""
+
+    metrics = fraction_metrics("exact_match")
+    defaults = {**TriviaQAFoundry.defaults, "prompt": "Question: {question}?\nAnswer:", "max_tokens": 256}
+
+    def process(self, doc, results: list[GenerationResult]):
+        prediction = results[0].text.strip()
+        score = lm_eval_exact_match(prediction, doc["aliases"], ignore_case=True, ignore_punctuation=True)
+        return {"exact_match": score}, {"prediction": prediction, "target": doc["aliases"],
+                                        "length": self.options["length"]}
 
 
 def unique(items: list[str]) -> list[str]:
@@ -171,7 +217,8 @@ class GSM8K(GenerationTask):
 
     metrics = fraction_metrics("exact_match_strict", "exact_match_flexible")
     defaults = {"prompt": "Question: {question}\nAnswer:", "until": ["Question:", "</s>", "<|im_end|>"],
-                "max_tokens": 256, "num_fewshot": 5, "fewshot_seed": 1234, "max_docs": None}
+                "max_tokens": 256, "num_fewshot": 5, "fewshot_seed": 1234, "fewshot_sampler": "seeded",
+                "max_docs": None}
 
     def __init__(self, spec, data_dir, options=None):
         super().__init__(spec, data_dir, options)
@@ -196,12 +243,14 @@ class GSM8K(GenerationTask):
         """A train row as a few-shot example."""
         return self.from_hub(row)
 
-    def requests(self, doc):
-        if self._pool is None and self.options["num_fewshot"]:
+    def fewshot_pool(self):
+        if self._pool is None:
             self._pool = [self.example(row) for row in self.train_rows()]
-        shots = [self.prompt(ex) + " " + ex["answer"] for ex in self.fewshot(doc, self._pool or [])]
-        context = "\n\n".join(shots + [self.prompt(doc)])
-        return [GenerateRequest(context, self.options["max_tokens"], tuple(self.options["until"]))]
+        return self._pool, False
+
+    def requests(self, doc):
+        return [GenerateRequest(self.context(doc), self.options["max_tokens"], tuple(self.options["until"]),
+                                gen_kwargs=self.gen_kwargs())]
 
     def process(self, doc, results: list[GenerationResult]):
         text = results[0].text
@@ -279,11 +328,13 @@ class SATMath(GenerationTask):
         return [{"passage": row["passage"] or "", "question": row["question"], "choices": " ".join(row["options"]),
                  "label": row["label"]} for row in read_jsonl(paths["rows"])]
 
+    def fewshot_pool(self):
+        return self.docs(), True
+
     def requests(self, doc):
-        others = [d for d in self.docs() if d["id"] != doc["id"]]
-        shots = [f"{self.prompt(ex)} {ex['label']}." for ex in self.fewshot(doc, others)]
-        context = "\n\n".join(shots + [self.prompt(doc)])
-        return [GenerateRequest(context, self.options["max_tokens"], tuple(self.options["until"]))]
+        context = self.context(doc, answer=lambda example: f"{example['label']}.")
+        return [GenerateRequest(context, self.options["max_tokens"], tuple(self.options["until"]),
+                                gen_kwargs=self.gen_kwargs())]
 
     def process(self, doc, results: list[GenerationResult]):
         prediction = extract_choice(results[0].text)
@@ -304,8 +355,9 @@ class LambadaGeneration(GenerationTask):
 
     def requests(self, doc):
         context, word = doc["text"].rsplit(" ", 1)
+        context = self.prompt_format.context([], context)
         tokens, reference = self.budget(word, context)
-        return [GenerateRequest(context, tokens, (), reference=reference)]
+        return [GenerateRequest(context, tokens, (), reference=reference, gen_kwargs=self.gen_kwargs())]
 
     def process(self, doc, results: list[GenerationResult]):
         text = results[0].text.strip()

@@ -34,6 +34,7 @@ class Lambada(Task):
 
     metrics = Metrics(Metric("acc", "mean", True, "fraction", primary=True),
                       Metric("perplexity", "perplexity", False, "perplexity"))
+    formats_prompts = True
 
     def read_local(self, paths):
         path = paths["text"]
@@ -47,7 +48,7 @@ class Lambada(Task):
 
     def requests(self, doc):
         context, word = doc["text"].rsplit(" ", 1)
-        return [LoglikelihoodRequest(context, " " + word, group=str(doc["id"]))]
+        return [LoglikelihoodRequest(self.prompt_format.context([], context), " " + word, group=str(doc["id"]))]
 
     def process(self, doc, results: list[LoglikelihoodResult]):
         result = results[0]
