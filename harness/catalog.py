@@ -138,21 +138,16 @@ class Catalog:
                 error = HarnessError(f"{suite.path}: {unknown_name('task', missing[0], self.tasks.names())}")
                 self._broken(self.suites, [name], error, replace=True)
 
-    def task(self, name: str, data_dir: Path | None, options: dict[str, Any] | None = None):
+    def task_class(self, name: str) -> type:
+        """The class that builds the task ``name``."""
         spec = self.tasks.get(name)
         try:
-            cls = import_string(spec.builder)
+            return import_string(spec.builder)
         except (ImportError, AttributeError) as exc:
             raise HarnessError(f"{spec.path}: builder '{spec.builder}' cannot be imported ({exc})") from exc
-        return cls(spec, data_dir, options)
 
-    def expand(self, tasks: list[str], suite: str | None) -> tuple[list[str], SuiteSpec | None]:
-        """Task names from --tasks and --suite, in order, without duplicates."""
-        spec = self.suites.get(suite) if suite else None
-        names = list(spec.tasks if spec else []) + tasks
-        for name in names:
-            self.tasks.get(name)
-        return list(dict.fromkeys(names)), spec
+    def task(self, name: str, data_dir: Path | None, options: dict[str, Any] | None = None):
+        return self.task_class(name)(self.tasks.get(name), data_dir, options)
 
 
 def _names_of(path: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""`harness` command line: run | ls | validate | adapt | bench | report | compare | leaderboard."""
+"""`harness` command line: run | ls | show | rm | validate | adapt | bench | report | compare | leaderboard."""
 from __future__ import annotations
 
 import sys
@@ -11,6 +11,7 @@ from rich.table import Table
 
 from harness.console import console, out
 from harness.errors import HarnessError
+from harness.run_listing import rm, show
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark diffusion language models against autoregressive baselines.")
@@ -39,33 +40,58 @@ def split_names(text: str | None) -> list[str]:
 @app.command()
 def run(
     model: str = typer.Option(..., "--model", help="Model card name, checkpoint directory or hub id."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated task names."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated task and suite names."),
     suite: Optional[str] = typer.Option(None, "--suite", help="A suite (harness ls suites); adds its tasks."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N documents of each task."),
-    batch_size: str = typer.Option("16", "--batch-size", help="Requests per batch, or 'auto'."),
-    device: str = typer.Option("cpu", "--device"),
+    limit: Optional[str] = typer.Option(None, "--limit", help="Documents per task: a count, or a fraction below 1."),
+    batch_size: str = typer.Option("16", "--batch_size", "--batch-size", help="Requests per batch, or 'auto'."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N | mps (default: cuda when present)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the card's)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Default 1234, or each of the suite's seeds."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local data folder (or $HARNESS_DATA_DIR)."),
-    output: Path = typer.Option(Path("runs"), "--output", help="Folder for the store and per-run files."),
-    model_args: Optional[str] = typer.Option(None, "--model-args", help="k=v,... passed to the backend."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", "--data_dir", help="Local data folder (or $HARNESS_DATA_DIR)."),
+    output: Path = typer.Option(Path("runs"), "--output_path", "--output", help="Folder for the store and per-run files."),
+    model_args: Optional[str] = typer.Option(None, "--model_args", "--model-args", help="k=v,... passed to the backend."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num_fewshot", "--num-fewshot", help="Few-shot examples for every task."),
+    gen_kwargs: Optional[str] = typer.Option(None, "--gen_kwargs", "--gen-kwargs",
+                                             help="k=v,... for generation tasks: max_gen_toks, until, do_sample, temperature, top_p."),
+    apply_chat_template: Optional[str] = typer.Option(None, "--apply_chat_template", "--apply-chat-template",
+                                                      flag_value="default", is_flag=False,
+                                                      help="Lay prompts out with the tokenizer's chat template (or the named one)."),
+    system_instruction: Optional[str] = typer.Option(None, "--system_instruction", "--system-instruction"),
+    fewshot_as_multiturn: bool = typer.Option(False, "--fewshot_as_multiturn", "--fewshot-as-multiturn",
+                                              help="Few-shot examples as separate chat turns."),
+    task_options: Optional[List[str]] = typer.Option(None, "--task_options", "--task-options",
+                                                     help="task.key=value,...; repeatable."),
+    no_cache: bool = typer.Option(False, "--no-cache", "--no_cache", help="Score again what other runs stored."),
+    log_samples: bool = typer.Option(True, "--log_samples", "--log-samples", help="Samples are always written (lm-eval's flag, accepted)."),
     allow_code_exec: bool = typer.Option(False, "--allow-code-exec", help="Run generated code in the sandbox."),
-    include_path: Optional[List[Path]] = typer.Option(None, "--include-path", help=INCLUDE_HELP),
+    include_path: Optional[List[Path]] = typer.Option(None, "--include_path", "--include-path", help=INCLUDE_HELP),
 ) -> None:
     """Evaluate a model on tasks; resumes a run started with the same command."""
     include(include_path)
-    from dataclasses import replace
-
     from harness.models.factory import parse_model_args
-    from harness.plan import RunConfig, plan_run
-    from harness.runner import evaluate
+    from harness.plan import RunConfig
     from harness.tasks.data import resolve_data_dir
 
     names = split_names(tasks)
+    options = parse_task_options(task_options)
+    if allow_code_exec:
+        options = {n: {**options.get(n, {}), "allow_code_exec": True} for n in {*names, *options}}
     config = RunConfig(model=model, tasks=names, suite=suite, seed=seed or 1234, batch_size=batch_size,
                        device=device, dtype=dtype, model_args=parse_model_args(model_args),
-                       data_dir=resolve_data_dir(data_dir), output=output, limit=limit,
-                       task_options={n: {"allow_code_exec": True} for n in names} if allow_code_exec else {})
+                       data_dir=resolve_data_dir(data_dir), output=output, limit=parse_limit(limit),
+                       task_options=options, num_fewshot=num_fewshot, gen_kwargs=parse_gen_kwargs(gen_kwargs),
+                       chat_template=apply_chat_template, system_instruction=system_instruction,
+                       fewshot_as_multiturn=fewshot_as_multiturn, use_cache=not no_cache)
+    run_config(config, seed, allow_code_exec)
+
+
+def run_config(config, seed: int | None, allow_code_exec: bool) -> None:
+    """Plan ``config`` and run it once per seed, printing each run's results."""
+    from dataclasses import replace
+
+    from harness.plan import plan_run
+    from harness.runner import evaluate
+
     plan = plan_run(config)
     if allow_code_exec:  # the suite's tasks too
         plan = replace(plan, task_options={n: {**plan.task_options.get(n, {}), "allow_code_exec": True}
@@ -77,11 +103,51 @@ def run(
         with progress_bar() as progress:
             results = evaluate(replace(plan, seed=run_seed), progress=progress)
         if results:
-            reused = sum(results["harness"]["reused_records"].values())
-            if reused:
-                console.print(f"resumed: {reused} stored documents were not scored again")
+            resumed = sum(results["harness"]["reused_records"].values())
+            cached = sum(results["harness"]["cached_records"].values())
+            if resumed:
+                console.print(f"resumed: {resumed} stored documents were not scored again")
+            if cached:
+                console.print(f"cached: {cached} documents scored by other runs were reused (--no-cache scores them again)")
             print_results(results)
             console.print(f"run [bold]{results['harness']['run_id']}[/] stored in {results['harness']['store']}")
+
+
+def parse_limit(text: str | None) -> int | float | None:
+    """``--limit``: an integer count or a fraction (lm-eval's convention)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise HarnessError(f"--limit must be a positive integer or a fraction below 1, got '{text}'") from None
+    return int(value) if value.is_integer() else value
+
+
+def parse_gen_kwargs(text: str | None) -> dict:
+    """``--gen_kwargs k=v,...`` (lm-eval's syntax); ``until`` may list several stops separated by ``|``."""
+    from harness.models.factory import parse_model_args
+
+    kwargs = parse_model_args(text)
+    if isinstance(kwargs.get("until"), str):
+        kwargs["until"] = kwargs["until"].encode().decode("unicode_escape").split("|")
+    return kwargs
+
+
+def parse_task_options(items: list[str] | None) -> dict[str, dict]:
+    """``--task_options task.key=value,...`` into {task: {key: value}}."""
+    from harness.models.factory import convert
+
+    options: dict[str, dict] = {}
+    for part in (p.strip() for item in items or [] for p in item.split(",")):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        task, dot, key = name.strip().partition(".")
+        if not sep or not dot or not task or not key:
+            raise HarnessError(f"--task_options expects task.key=value, got '{part}'")
+        options.setdefault(task, {})[key] = convert(value.strip())
+    return options
 
 
 def run_seeds(plan, seed: int | None) -> list[int]:
@@ -113,7 +179,7 @@ def print_results(results: dict) -> None:
 
 @app.command("ls")
 def list_things(what: str = typer.Argument(..., help="tasks | models | suites | runs"),
-                output: Path = typer.Option(Path("runs"), "--output"),
+                output: Path = typer.Option(Path("runs"), "--output_path", "--output"),
                 include_path: Optional[List[Path]] = typer.Option(None, "--include-path", help=INCLUDE_HELP)) -> None:
     """List registered tasks, models, suites, or the runs in a store."""
     include(include_path)
@@ -128,16 +194,17 @@ def list_things(what: str = typer.Argument(..., help="tasks | models | suites | 
         for name in registry:
             table.add_row(name, registry.get(name).description)
     elif what == "runs":
+        from harness.run_listing import runs_table
         from harness.store import Store, default_store_path
 
-        store = Store(default_store_path(output))
-        for column in ("run", "kind", "model", "status", "tasks"):
-            table.add_column(column)
-        for r in store.runs():
-            table.add_row(r["run_id"], r["kind"], r["model"], r["status"], ",".join(store.task_results(r["run_id"])))
+        table = runs_table(Store(default_store_path(output)))
     else:
         raise HarnessError(f"cannot list '{what}': choose tasks, models, suites or runs")
     out.print(table)
+
+
+app.command()(show)
+app.command()(rm)
 
 
 @app.command()
@@ -195,8 +262,9 @@ def main() -> None:
     except HarnessError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: everything scored so far is stored; run the same command to resume")
+    except KeyboardInterrupt as exc:
+        message = str(exc) or "interrupted: everything scored so far is stored; run the same command to resume"
+        console.print(f"[yellow]{message}[/]", highlight=False, soft_wrap=True)
         sys.exit(130)
 
 

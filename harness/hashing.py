@@ -12,5 +12,10 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def sha256_text(text: str) -> str:
+    """The SHA-256 hex digest of ``text`` (lm-eval's ``hash_string``)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def to_jsonable(obj: Any) -> Any:
     return asdict(obj) if is_dataclass(obj) else obj

@@ -1,31 +1,44 @@
 """plan -> skip what is stored -> batched model calls -> score -> append records -> aggregate.
 
 A run's id is a hash of what determines its numbers (model, weights, dtype, device, model args,
-tasks, limit, seed), so the same command resumes the same run: documents already stored are
-never recomputed. Under torchrun/accelerate each rank scores its shard of every chunk and rank 0
-writes the store.
+tasks, limit, seed, prompt format), so the same command resumes the same run: documents already
+stored are never recomputed. Across runs a record is reused when its ``cache_key`` matches (the
+model fingerprint, seed, task spec, rendered requests and document), so adding a task or raising
+``--limit`` scores only what is new (``use_cache=False``: ``--no-cache``). Documents are scored and
+stored one batch at a time (the documents whose requests fill one batch), so an interrupted run
+loses at most the batch in flight. Under torchrun/accelerate each rank scores its shard of every
+batch and rank 0 writes the store.
 """
 from __future__ import annotations
 
-import os
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from harness import distributed
 from harness.catalog import catalog
+from harness.console import console
 from harness.env import environment
-from harness.plan import RunConfig, RunPlan, plan_run
+from harness.errors import HarnessError
+from harness.plan import RunConfig, RunPlan, plan_run, stable_fingerprint
 from harness.models.base import (GenerateRequest, InfillRequest, LanguageModel, LoglikelihoodRequest,
                                  RollingRequest)
+from harness.models.batching import parse_batch_size
 from harness.scoring.metrics import aggregate
 from harness.store import Store, default_store_path, write_json_atomic, write_jsonl_atomic
-from harness.hashing import stable_hash, to_jsonable
-from harness.tasks.base import Task
+from harness.hashing import sha256_text, stable_hash, to_jsonable
+from harness.tasks.base import Request, Task
+from harness.tasks.prompt_format import PLAIN, PromptFormat
 
-# documents scored and stored together: the most a killed run can lose
-CHUNK_DOCS = int(os.environ.get("HARNESS_CHUNK_DOCS", 64))
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: what was stored, and how to resume."""
+
+    def __init__(self, run_id: str, store: Path, stored: int, total: int):
+        super().__init__(f"interrupted: {stored} of {total} documents of run {run_id} are stored in {store}; "
+                         f"run the same command to resume")
 
 
 def slug(text: str) -> str:
@@ -42,6 +55,7 @@ def evaluate(config: RunConfig | RunPlan, model: LanguageModel | None = None, pr
     tasks = [catalog().task(name, plan.data_dir, plan.task_options.get(name)) for name in plan.tasks]
     for task in tasks:
         task.docs()  # fail on missing data before loading any weights
+        check_fewshot(task)
     if model is None:
         from harness.models.factory import build_model
 
@@ -49,9 +63,11 @@ def evaluate(config: RunConfig | RunPlan, model: LanguageModel | None = None, pr
                             batch_size=plan.batch_size, settings=plan.settings)
     model.seed = plan.seed
     fingerprint = model.fingerprint
+    template = set_prompt_format(tasks, plan.prompt_format, model)
     run_id = f"{slug(plan.model)}-{stable_hash(plan.identity(fingerprint))[:12]}"
     output_dir = plan.output / run_id
     store = Store(default_store_path(plan.output))
+    started = time.time()
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         store.start_run(run_id, model=plan.model, config=plan.recorded(), fingerprint=fingerprint,
@@ -59,43 +75,105 @@ def evaluate(config: RunConfig | RunPlan, model: LanguageModel | None = None, pr
                         output_dir=str(output_dir))
     distributed.barrier()
     try:
-        reused = {task.name: score_task(task, model, store, run_id, plan.limit, rank, size, progress)
+        reused = {task.name: score_task(task, model, store, run_id, plan, fingerprint, rank, size, progress)
                   for task in tasks}
         if rank != 0:
             return {}
-        results = finalize(store, run_id, tasks, plan, fingerprint, output_dir)
+        results = finalize(store, run_id, tasks, plan, fingerprint, output_dir, template, started)
     except BaseException as exc:  # the run stays resumable; it is just no longer running
         if rank == 0:
             store.finish_run(run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
+            stored = sum(len(store.done_docs(run_id, task.name)) for task in tasks)
+            total = sum(len(task.selected_docs(plan.limit)) for task in tasks)
+            raise RunInterrupted(run_id, store.path, stored, total) from None
         raise
-    results["harness"]["reused_records"] = reused
+    results["harness"]["reused_records"] = {name: counts["resumed"] for name, counts in reused.items()}
+    results["harness"]["cached_records"] = {name: counts["cached"] for name, counts in reused.items()}
     store.finish_run(run_id)
     return results
 
 
-def score_task(task: Task, model: LanguageModel, store: Store, run_id: str, limit: int | None,
-               rank: int, size: int, progress) -> int:
-    """Score the task's documents not yet stored; returns how many were already stored."""
-    docs = task.selected_docs(limit)
+def check_fewshot(task: Task) -> None:
+    """Few-shot examples asked of a task that has none (or lays out its own prompt) fail before any
+    weights load."""
+    if task.options.get("num_fewshot"):
+        if not task.formats_prompts:
+            raise HarnessError(f"task '{task.name}' lays out its own prompt and takes no few-shot examples")
+        task.fewshot_pool()
+
+
+def set_prompt_format(tasks: list[Task], prompt_format: PromptFormat, model: LanguageModel) -> str | None:
+    """Give each task that lays out prompts the run's format (the chat template bound to the model's
+    tokenizer); returns the template's text, or None for plain text."""
+    template = model.chat_template(prompt_format.chat_template) if prompt_format.chat else None
+    if template is not None:
+        name = prompt_format.chat_template
+        prompt_format = replace(prompt_format, renderer=lambda messages: model.render_chat(messages, name))
+    own = [task.name for task in tasks if not task.formats_prompts]
+    if prompt_format != PLAIN and own:
+        console.print(f"[yellow]note[/]: {', '.join(own)} keep their own prompts (the prompt format applies to "
+                      f"the other tasks)")
+    for task in tasks:
+        task.prompt_format = prompt_format if task.formats_prompts else PLAIN
+    return template
+
+
+def cache_key(fingerprint: dict[str, Any], seed: int, task: Task, doc: dict[str, Any], requests: list[Request]) -> str:
+    """What a stored record depends on: the model, the seed, the task spec, the requests, the document."""
+    return stable_hash({"fingerprint": stable_fingerprint(fingerprint), "seed": seed, "task": task.task_hash(),
+                        "requests": Task.prompt_hash(requests), "doc": stable_hash(doc)})
+
+
+def score_task(task: Task, model: LanguageModel, store: Store, run_id: str, plan: RunPlan, fingerprint: dict,
+               rank: int, size: int, progress) -> dict[str, int]:
+    """Score the task's documents not yet stored, one batch at a time; returns how many were stored
+    by this run already (``resumed``) and how many were reused from other runs (``cached``)."""
+    docs = task.selected_docs(plan.limit)
     done = store.done_docs(run_id, task.name)
     pending = [doc for doc in docs if doc["id"] not in done]
+    requests = {doc["id"]: task.requests(doc) for doc in pending}
+    keys = {doc["id"]: cache_key(fingerprint, plan.seed, task, doc, requests[doc["id"]]) for doc in pending}
+    hits = store.cached(list(keys.values())) if plan.use_cache and pending else {}
+    reused = [doc for doc in pending if keys[doc["id"]] in hits]
+    if reused and rank == 0:
+        store.add_records(run_id, task.name, [(doc["id"], *hits[keys[doc["id"]]]) for doc in reused],
+                          [keys[doc["id"]] for doc in reused])
+    pending = [doc for doc in pending if keys[doc["id"]] not in hits]
     bar = progress.add_task(task.name, total=len(docs), completed=len(docs) - len(pending)) if progress else None
-    for start in range(0, len(pending), CHUNK_DOCS):
-        chunk = pending[start:start + CHUNK_DOCS]
-        mine = chunk[rank::size]
-        rows = answer(task, model, mine)
+    rows_per_batch = parse_batch_size(plan.batch_size)[0] * size
+    for batch in batches(pending, requests, rows_per_batch):
+        mine = batch[rank::size]
+        rows = answer(task, model, mine, {doc["id"]: requests[doc["id"]] for doc in mine})
         gathered = distributed.gather(rows)
         if rank == 0:
-            store.add_records(run_id, task.name, [row for part in gathered for row in part])
+            flat = [row for part in gathered for row in part]
+            store.add_records(run_id, task.name, flat, [keys[doc_id] for doc_id, _, _ in flat])
         if progress:
-            progress.update(bar, advance=len(chunk))
+            progress.update(bar, advance=len(batch))
     distributed.barrier()
-    return len(docs) - len(pending)
+    return {"resumed": len(docs) - len(pending) - len(reused), "cached": len(reused)}
 
 
-def answer(task: Task, model: LanguageModel, docs: list[dict[str, Any]]) -> list[tuple[int, dict, dict]]:
+def batches(docs: list[dict[str, Any]], requests: dict[int, list[Request]], rows: int) -> Iterator[list[dict]]:
+    """Consecutive documents whose requests fill one model batch of ``rows`` (at least one document)."""
+    batch: list[dict[str, Any]] = []
+    count = 0
+    for doc in docs:
+        n = len(requests[doc["id"]])
+        if batch and count + n > rows:
+            yield batch
+            batch, count = [], 0
+        batch.append(doc)
+        count += n
+    if batch:
+        yield batch
+
+
+def answer(task: Task, model: LanguageModel, docs: list[dict[str, Any]],
+           requests: dict[int, list[Request]]) -> list[tuple[int, dict, dict]]:
     """Score a list of docs: one model call per request type, then per-doc metrics and records."""
-    per_doc = [task.requests(doc) for doc in docs]
+    per_doc = [requests[doc["id"]] for doc in docs]
     flat = [r for reqs in per_doc for r in reqs]
     results: list[Any] = [None] * len(flat)
     for kind, method in ((LoglikelihoodRequest, model.loglikelihood), (GenerateRequest, model.generate),
@@ -110,44 +188,74 @@ def answer(task: Task, model: LanguageModel, docs: list[dict[str, Any]]) -> list
         offset += len(reqs)
         metrics, extra = task.process(doc, answers)
         record = {"doc_id": doc["id"], "doc": doc, "arguments": [to_jsonable(r) for r in reqs],
-                  "resps": [to_jsonable(a) for a in answers], **metrics, **extra,
-                  "doc_hash": stable_hash(doc), "prompt_hash": Task.prompt_hash(reqs)}
+                  "resps": [to_jsonable(a) for a in answers], **metrics, **extra}
+        if task.options.get("num_fewshot"):
+            record["fewshot_ids"] = task.fewshot_indices(doc)  # positions in the task's few-shot pool
+        record.update(sample_hashes(doc, reqs, extra.get("target")))
         rows.append((doc["id"], metrics, record))
     return rows
 
 
-def finalize(store: Store, run_id: str, tasks: list[Task], config: RunConfig, fingerprint: dict,
-             output_dir: Path) -> dict[str, Any]:
+def sample_hashes(doc: dict[str, Any], requests: list[Request], target: Any) -> dict[str, str]:
+    """lm-eval's sample hashes (sha256 of the document as indented JSON, of the first request's
+    context, of ``str(target)``) and the harness's hash of all rendered requests."""
+    import json
+
+    first = requests[0]
+    context = first.prefix if isinstance(first, InfillRequest) else first.text if isinstance(first, RollingRequest) \
+        else first.context
+    return {"doc_hash": sha256_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str)),
+            "prompt_hash": sha256_text(context), "target_hash": sha256_text(str(target)),
+            "requests_hash": Task.prompt_hash(requests)}
+
+
+def finalize(store: Store, run_id: str, tasks: list[Task], plan: RunPlan, fingerprint: dict, output_dir: Path,
+             template: str | None, started: float) -> dict[str, Any]:
     """Aggregate the stored records by the tasks' metric specs, store the aggregates with the specs,
-    and write results.json (lm-eval's ``higher_is_better``, the full specs under ``harness``) and
+    and write results.json (lm-eval's fields, the full specs under ``harness``) and
     samples_<task>.jsonl."""
-    payload: dict[str, Any] = {"results": {}, "configs": {}, "versions": {}, "n-samples": {},
-                               "higher_is_better": {}, "task_hashes": {}}
+    payload: dict[str, Any] = {"results": {}, "group_subtasks": {}, "configs": {}, "versions": {}, "n-shot": {},
+                               "higher_is_better": {}, "n-samples": {}}
     specs: dict[str, list[dict[str, Any]]] = {}
+    task_hashes: dict[str, str] = {}
     for task in tasks:
         records = store.records(run_id, task.name)
-        docs = task.selected_docs(config.limit)
+        docs = task.selected_docs(plan.limit)
         metrics = aggregate([m for _, m, _ in records], task.metrics)
-        prompt_hash = stable_hash([r["prompt_hash"] for _, _, r in records])
+        prompt_hash = stable_hash([r.get("requests_hash", r["prompt_hash"]) for _, _, r in records])
         specs[task.name] = task.metrics.to_list()
+        settings = {**task.settings(), "prompt_format": task.prompt_format.recorded()}
         store.set_task_result(run_id, task.name, task_hash=task.task_hash(), prompt_hash=prompt_hash,
-                              n=len(records), metrics=metrics, settings=task.settings(), specs=specs[task.name],
+                              n=len(records), metrics=metrics, settings=settings, specs=specs[task.name],
                               output_type=task.output_type)
         payload["results"][task.name] = {"alias": task.name, **lm_eval_keys(metrics)}
-        payload["configs"][task.name] = {**task.settings(), "task_hash": task.task_hash(),
-                                         "output_type": task.output_type}
+        payload["group_subtasks"][task.name] = []
+        payload["configs"][task.name] = {**settings, "task_hash": task.task_hash(), "output_type": task.output_type}
         payload["versions"][task.name] = task.version
-        payload["n-samples"][task.name] = {"original": len(task.docs()), "effective": len(docs)}
+        payload["n-shot"][task.name] = task.options.get("num_fewshot") or 0
         payload["higher_is_better"][task.name] = task.metrics.higher_is_better
-        payload["task_hashes"][task.name] = prompt_hash
+        payload["n-samples"][task.name] = {"original": len(task.docs()), "effective": len(docs)}
+        task_hashes[task.name] = prompt_hash
         write_jsonl_atomic(output_dir / f"samples_{task.name}.jsonl", [r for _, _, r in records])
     run = store.run(run_id)
+    ended = time.time()
+    prompt_format = plan.prompt_format
     payload.update({
-        "config": {"model": config.model, "model_args": config.model_args, "batch_size": fingerprint.get("batch_size"),
-                   "device": config.device, "dtype": fingerprint.get("dtype"), "limit": config.limit,
-                   "random_seed": config.seed, "model_fingerprint": fingerprint},
-        "git_hash": run["env"].get("git_sha"), "date": time.time(),
-        "harness": {"run_id": run_id, "store": str(store.path), "env": run["env"], "metric_specs": specs},
+        "config": {"model": plan.model, "model_args": plan.model_args, "batch_size": fingerprint.get("batch_size"),
+                   "batch_sizes": [], "device": plan.device, "dtype": fingerprint.get("dtype"),
+                   "use_cache": str(store.path) if plan.use_cache else None, "limit": plan.limit,
+                   "bootstrap_iters": 0, "gen_kwargs": None, "random_seed": plan.seed, "numpy_seed": plan.seed,
+                   "torch_seed": plan.seed, "fewshot_seed": 1234, "model_fingerprint": fingerprint},
+        "git_hash": run["env"].get("git_sha"), "date": started,
+        "task_hashes": task_hashes, "model_source": fingerprint.get("backend"), "model_name": plan.model,
+        "model_name_sanitized": slug(plan.model),
+        "system_instruction": prompt_format.system_instruction,
+        "system_instruction_sha": sha256_text(prompt_format.system_instruction) if prompt_format.system_instruction else None,
+        "fewshot_as_multiturn": prompt_format.fewshot_as_multiturn,
+        "chat_template": template, "chat_template_sha": sha256_text(template) if template else None,
+        "start_time": started, "end_time": ended, "total_evaluation_time_seconds": str(ended - started),
+        "harness": {"run_id": run_id, "store": str(store.path), "env": run["env"], "metric_specs": specs,
+                    "prompt_format": prompt_format.recorded()},
     })
     write_json_atomic(output_dir / "results.json", payload)
     return payload

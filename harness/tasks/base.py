@@ -92,12 +92,14 @@ class Task:
                                f"(known: {', '.join(sorted(defaults))})")
         return {**defaults, **self.options}
 
-    def selected_docs(self, limit: int | None = None) -> list[dict[str, Any]]:
+    def selected_docs(self, limit: int | float | None = None) -> list[dict[str, Any]]:
         """The documents a run scores, cut in this one place: the protocol's own first ``max_docs``
-        (an option, so recorded and hashed), then the run's ``limit``."""
-        cap = min((n for n in (self.options.get("max_docs"), limit) if n), default=None)
-        docs = self.docs()
-        return docs[:cap] if cap else docs
+        (an option, so recorded and hashed), then the run's ``limit``: a count, or a fraction (< 1)
+        of the documents, rounded up as lm-eval does."""
+        docs = self.docs()[:self.options.get("max_docs") or None]
+        if limit is None:
+            return docs
+        return docs[:math.ceil(len(docs) * limit) if limit < 1 else int(limit)]
 
     # ---- few-shot examples ------------------------------------------------------------------
     def fewshot_pool(self) -> tuple[list[dict[str, Any]], bool]:
@@ -106,7 +108,13 @@ class Task:
         raise HarnessError(f"task '{self.name}' has no few-shot examples (num_fewshot must be 0)")
 
     def shots(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
-        """The ``num_fewshot`` examples of ``doc`` under ``fewshot_sampler`` (see FEWSHOT_SAMPLERS)."""
+        """The few-shot examples of ``doc`` (see ``fewshot_indices``)."""
+        indices = self.fewshot_indices(doc)
+        return [self.fewshot_pool()[0][i] for i in indices] if indices else []
+
+    def fewshot_indices(self, doc: dict[str, Any]) -> list[int]:
+        """Positions in the pool of the ``num_fewshot`` examples of ``doc`` under ``fewshot_sampler``
+        (see FEWSHOT_SAMPLERS); recorded with every sample."""
         k = self.options.get("num_fewshot") or 0
         if not k:
             return []
@@ -115,14 +123,12 @@ class Task:
         pool, same_split = self.fewshot_pool()
         if k + same_split > len(pool):
             raise HarnessError(f"task '{self.name}': num_fewshot={k} but only {len(pool) - same_split} examples")
-        seed = self.options.get("fewshot_seed", 1234)
         if self.options.get("fewshot_sampler", "seeded") == "seeded":
             indices = [i for i in range(len(pool)) if not (same_split and i == doc["id"])]
-            return [pool[i] for i in random.Random(f"{seed}:{doc['id']}").sample(indices, k)]
+            return random.Random(f"{self.options.get('fewshot_seed', 1234)}:{doc['id']}").sample(indices, k)
         while len(self._draws) <= doc["id"]:  # lm-eval samples k + 1 from the test split, then drops the doc
             self._draws.append(self._stream.sample(range(len(pool)), k + same_split))
-        drawn = [i for i in self._draws[doc["id"]] if not (same_split and i == doc["id"])]
-        return [pool[i] for i in drawn[:k]]
+        return [i for i in self._draws[doc["id"]] if not (same_split and i == doc["id"])][:k]
 
     def read_local(self, paths: dict[str, Path]) -> list[dict[str, Any]]:
         raise NotImplementedError
