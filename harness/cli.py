@@ -33,6 +33,22 @@ def include(paths: list[Path] | None) -> None:
         add_include_paths(list(paths))
 
 
+CHAT_FLAGS = ("--apply_chat_template", "--apply-chat-template")
+
+
+def optional_values(argv: list[str]) -> list[str]:
+    """lm-eval's ``--apply_chat_template`` takes an optional template name: without one (last, or
+    before another option) ``harness run`` reads the tokenizer's ``default`` template."""
+    if argv[:1] != ["run"]:
+        return argv
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in CHAT_FLAGS and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("default")
+    return out
+
+
 def split_names(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
@@ -53,8 +69,7 @@ def run(
     num_fewshot: Optional[int] = typer.Option(None, "--num_fewshot", "--num-fewshot", help="Few-shot examples for every task."),
     gen_kwargs: Optional[str] = typer.Option(None, "--gen_kwargs", "--gen-kwargs",
                                              help="k=v,... for generation tasks: max_gen_toks, until, do_sample, temperature, top_p."),
-    apply_chat_template: Optional[str] = typer.Option(None, "--apply_chat_template", "--apply-chat-template",
-                                                      flag_value="default", is_flag=False,
+    apply_chat_template: Optional[str] = typer.Option(None, *CHAT_FLAGS, metavar="[NAME]",
                                                       help="Lay prompts out with the tokenizer's chat template (or the named one)."),
     system_instruction: Optional[str] = typer.Option(None, "--system_instruction", "--system-instruction"),
     fewshot_as_multiturn: bool = typer.Option(False, "--fewshot_as_multiturn", "--fewshot-as-multiturn",
@@ -258,7 +273,7 @@ def register_optional_commands() -> None:
 def main() -> None:
     register_optional_commands()
     try:
-        app()
+        app(args=optional_values(sys.argv[1:]))
     except HarnessError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
