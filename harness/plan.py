@@ -151,7 +151,8 @@ def run_wide_options(config: RunConfig, names: list[str], family: str) -> dict[s
     for name in names:
         if config.num_fewshot is not None:
             options.setdefault(name, {})["num_fewshot"] = config.num_fewshot
-        if config.gen_kwargs and catalog().task_class(name).output_type == "generate_until":
+        cls = catalog().task_class(name)
+        if config.gen_kwargs and cls.output_type == "generate_until" and cls.formats_prompts:
             options.setdefault(name, {})["gen_kwargs"] = dict(config.gen_kwargs)
     return options
 

@@ -67,7 +67,7 @@ def test_a_user_task_suite_and_model_join_the_catalog(tmp_path, data_dir):
     task = c.task("piqa_mine", data_dir)
     assert task.spec.path == str(folder / "tasks" / "piqa_mine.yaml")
     assert len(task.docs()) == len(c.task("piqa", data_dir).docs())
-    assert c.expand([], "mine") == (["piqa_mine", "hellaswag"], c.suites.get("mine"))
+    assert c.suites.get("mine").tasks == ("piqa_mine", "hellaswag")
     assert resolve_card("smol-mine").weights == resolve_card("smollm2-135m").weights
 
 
@@ -93,7 +93,7 @@ def test_a_malformed_file_is_a_warning_and_an_error_only_when_used(tmp_path, cap
     with pytest.raises(HarnessError, match=r"tasks/broken\.yaml:2: malformed YAML"):
         catalog().task("broken", None)
     with pytest.raises(HarnessError, match=r"broken\.yaml:2"):
-        catalog().expand(["piqa", "broken"], None)
+        catalog().tasks.get("broken")
 
 
 def test_an_invalid_model_card_and_a_suite_with_a_missing_task(tmp_path):
@@ -106,7 +106,7 @@ def test_an_invalid_model_card_and_a_suite_with_a_missing_task(tmp_path):
     with pytest.raises(HarnessError, match=r"models/bad\.yaml: backend must be"):
         c.models.get("bad")
     with pytest.raises(HarnessError, match=r"suites/lost\.yaml: unknown task 'no_such_task'"):
-        c.expand([], "lost")
+        c.suites.get("lost")
 
 
 def test_a_missing_include_directory_is_an_error(tmp_path, monkeypatch):

@@ -132,7 +132,7 @@ def test_tasks_without_examples_refuse_fewshot_before_loading(tiny_llama_dir, da
 
     monkeypatch.setattr("harness.models.factory.build_model", no_loading)
     for name, message in (("triviaqa", "has no few-shot examples"), ("wikitext2", "takes no few-shot examples"),
-                          ("piqa_diffugpt", "takes no few-shot examples")):
+                          ("piqa_diffugpt", r"unknown option\(s\) num_fewshot")):
         with pytest.raises(HarnessError, match=message):
             evaluate(RunConfig(model=str(tiny_llama_dir), tasks=[name], limit=1, data_dir=data_dir, output=tmp_path,
                                num_fewshot=1))

@@ -24,8 +24,8 @@ OUTPUT_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling", "ge
 # (lm-eval's default sampler: one random.Random(fewshot_seed) stream, document i gets the (i+1)-th
 # draw, as lm-eval's evaluator visits documents in order)
 FEWSHOT_SAMPLERS = ("seeded", "lm-eval")
-# options any task takes: the runner's sandbox switch and the run-wide few-shot and generation settings
-GENERIC_OPTIONS = ("allow_code_exec", "num_fewshot", "fewshot_seed", "fewshot_sampler", "gen_kwargs")
+# the run-wide few-shot and generation options every task that lays out its prompts takes
+PROMPT_OPTIONS = ("num_fewshot", "fewshot_seed", "fewshot_sampler", "gen_kwargs")
 
 
 class Task:
@@ -85,8 +85,9 @@ class Task:
 
     def options_with(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """``defaults`` under the given options; an option the task does not take is a one-line error
-        (the run-wide ``GENERIC_OPTIONS`` are always allowed)."""
-        unknown = sorted(set(self.options) - set(defaults) - set(GENERIC_OPTIONS))
+        (the runner's ``allow_code_exec`` always; ``PROMPT_OPTIONS`` where the task lays out its prompts)."""
+        allowed = {"allow_code_exec", *(PROMPT_OPTIONS if self.formats_prompts else ())}
+        unknown = sorted(set(self.options) - set(defaults) - allowed)
         if unknown:
             raise HarnessError(f"task '{self.name}': unknown option(s) {', '.join(unknown)} "
                                f"(known: {', '.join(sorted(defaults))})")

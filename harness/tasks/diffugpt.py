@@ -65,9 +65,6 @@ class ScriptChoiceTask(MultipleChoiceTask):
 
     formats_prompts = False  # the script's own segments, zero-shot
 
-    def fewshot_pool(self):
-        raise HarnessError(f"task '{self.name}' is a zero-shot paper protocol (num_fewshot must be 0)")
-
     def choices(self, doc: dict[str, Any]) -> Choices:
         raise NotImplementedError
 

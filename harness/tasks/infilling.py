@@ -57,6 +57,7 @@ def trim_to_reference_lines(completion: str, reference: str) -> str:
 
 class InfillTask(GenerationTask):
     output_type = "infill"
+    formats_prompts = False  # prefix and suffix as they are
     budget_option = "fixed_tokens"
 
     def infill_request(self, prefix: str, suffix: str, middle: str, space: str = "") -> InfillRequest:
@@ -116,6 +117,8 @@ def sandbox_summary() -> str:
 
 class CodeTask:
     """Mixin: refuse to load without allow_code_exec; run programs in the sandbox; pass@1."""
+
+    formats_prompts = False  # the code prompt as it is
 
     metrics = fraction_metrics("pass@1")
 

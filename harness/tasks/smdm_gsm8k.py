@@ -80,6 +80,7 @@ class SMDMGSM8K(GSM8K):
     """GSM8K test as SMDM evaluates it: "Question: …" zero-shot, two sampling stages, "#### n" on
     the final line compared numerically with the gold answer."""
 
+    formats_prompts = False  # SMDM's zero-shot prompt
     metrics = fraction_metrics("acc")
     defaults = {"prompt": "Question: {question}", "max_tokens": 256, "stages": 2, "canvas_length": 256,
                 "max_docs": None}
