@@ -10,7 +10,7 @@ export HARNESS_DATA_DIR ?= $(DATA)
 setup: $(VENV)/.installed
 
 # torch is installed first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -248,12 +248,17 @@ def validate(
 
 @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def lm_eval_cli(ctx: typer.Context) -> None:
-    """lm-eval's own command line with the harness's models registered as `--model harness`."""
+    """lm-eval's own command line with the harness's models as `--model harness` and, when a data folder
+    is known (--data-dir, else $HARNESS_DATA_DIR), lm-eval's own tasks on its local files."""
+    import os
+
     try:
         from harness.models.lm_eval_bridge import run_lm_eval_cli
     except ImportError as exc:
         raise HarnessError("this command needs lm-eval: pip install 'dlm-harness[eval]'") from exc
-    run_lm_eval_cli(list(ctx.args))
+    from harness.lm_eval_tasks import lm_eval_argv
+
+    run_lm_eval_cli(lm_eval_argv(list(ctx.args), os.environ.get("HARNESS_DATA_DIR")))
 
 
 def register_optional_commands() -> None:
@@ -263,7 +268,9 @@ def register_optional_commands() -> None:
     for name, target in (("adapt", "harness.train.command:adapt"), ("report", "harness.report.commands:report"),
                          ("leaderboard", "harness.report.commands:leaderboard"),
                          ("compare", "harness.report.commands:compare"),
-                         ("bench", "harness.perf.command:bench")):
+                         ("bench", "harness.perf.command:bench"),
+                         ("lm-eval-tasks", "harness.lm_eval_tasks:lm_eval_tasks"),
+                         ("import-lm-eval", "harness.lm_eval_import:import_lm_eval")):
         try:
             app.command(name)(import_string(target))
         except ImportError:
