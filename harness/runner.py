@@ -112,8 +112,7 @@ def set_prompt_format(tasks: list[Task], prompt_format: PromptFormat, model: Lan
         prompt_format = replace(prompt_format, renderer=lambda messages: model.render_chat(messages, name))
     own = [task.name for task in tasks if not task.formats_prompts]
     if prompt_format != PLAIN and own:
-        console.print(f"[yellow]note[/]: {', '.join(own)} keep their own prompts (the prompt format applies to "
-                      f"the other tasks)")
+        console.print(f"[yellow]note[/]: the prompt format does not apply to {', '.join(own)} (a layout of their own)")
     for task in tasks:
         task.prompt_format = prompt_format if task.formats_prompts else PLAIN
     return template
