@@ -1,4 +1,6 @@
-"""The HTML report in a real headless browser (Debian's chromium), and the Markdown tables' structure."""
+"""The HTML report in a real headless browser (Debian's chromium): tables, figures, sorting, screenshots;
+and the Markdown tables' structure."""
+import json
 import os
 import re
 import shutil
@@ -10,7 +12,27 @@ from pathlib import Path
 import pytest
 
 from harness.report.commands import leaderboard, report
+from test_report_views import wide_store
 from test_reports import ACCURACY, make_store
+
+DEMO = Path(__file__).resolve().parent.parent / "reports" / "demo" / "index.html"
+# Run in the page once it has loaded: counts broken figures, then clicks a column header twice.
+PROBE = """<script>
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var out = {images: images.length, broken: images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length,
+             sticky: getComputedStyle(document.querySelector("thead th")).position, sorted: []};
+  var table = document.querySelector(".table-block table.sortable");
+  var heads = table ? table.querySelectorAll("thead tr:first-child th") : [];
+  var column = Array.prototype.findIndex.call(heads, function (h) { return h.textContent === "%s"; });
+  if (column >= 0) for (var k = 0; k < 2; k++) {
+    heads[column].click();
+    out.sorted.push(Array.prototype.map.call(table.tBodies[0].rows, function (r) { return r.cells[0].textContent; }));
+  }
+  var pre = document.createElement("pre"); pre.id = "probe"; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -124,9 +146,48 @@ def test_leaderboard_links_resolve(chromium, tmp_path):
     leaderboard(out=tmp_path / "site", store=store.path, output=tmp_path)
     dom = browse(chromium, tmp_path / "site" / "index.html", tmp_path, "--dump-dom")
     links = re.findall(r'href="(runs/[^"]+\.html)"', dom)
-    assert len(links) == len(store.runs()) and all((tmp_path / "site" / link).is_file() for link in links)
+    # the Runs table links every run; each leaderboard row (eval runs) links its run too
+    assert sorted(set(links)) == sorted(f"runs/{run['run_id']}.html" for run in store.runs())
+    assert len(links) == len(store.runs()) + 2 * len(ACCURACY)  # the primary and the every-metric leaderboard
+    assert all((tmp_path / "site" / link).is_file() for link in links)
     page = parse_tables(browse(chromium, tmp_path / "site" / links[0], tmp_path, "--dump-dom"))
     assert page["What produced these numbers"][1] == ["Run", links[0][5:-5]]
+
+
+def probe(chromium: str, page: Path, tmp_path: Path, column: str = "") -> dict:
+    """The page (a copy, with PROBE added) after it loaded in chromium: figures, sticky header, sort."""
+    copy = tmp_path / f"probed-{page.name}"  # pages are self-contained: figures are embedded
+    copy.write_text(page.read_text().replace("</body>", PROBE % column + "</body>"))
+    dom = browse(chromium, copy, tmp_path, "--dump-dom", "--virtual-time-budget=10000")
+    return json.loads(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1))
+
+
+def screenshot(chromium: str, page: Path, tmp_path: Path, name: str) -> bytes:
+    shot = tmp_path / f"{name}.png"
+    browse(chromium, page, tmp_path, f"--screenshot={shot}", "--window-size=1280,2000")
+    return shot.read_bytes()
+
+
+def test_every_figure_loads_and_columns_sort(chromium, report_dir, tmp_path):
+    seen = probe(chromium, report_dir / "index.html", tmp_path, "Model")
+    assert seen["images"] == 4 and seen["broken"] == 0 and seen["sticky"] == "sticky"
+    assert seen["sorted"] == [sorted(ACCURACY), sorted(ACCURACY, reverse=True)]
+
+
+def test_a_30_by_20_leaderboard_sorts_in_chromium(chromium, tmp_path):
+    store = wide_store(tmp_path / "store.sqlite")
+    leaderboard(out=tmp_path / "site", store=store.path, output=tmp_path)
+    seen = probe(chromium, tmp_path / "site" / "index.html", tmp_path, "task_05")
+    models = [f"model-{i:02d}" for i in range(30)]  # run i scores (i + 5) % 97 on task_05: ascending with i
+    assert seen["sorted"] == [models, models[::-1]] and seen["broken"] == 0 and seen["images"] >= 1
+    assert screenshot(chromium, tmp_path / "site" / "index.html", tmp_path, "wide")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not DEMO.is_file(), reason="no committed demo report")
+def test_the_committed_demo_report_loads(chromium, tmp_path):
+    seen = probe(chromium, DEMO, tmp_path)
+    assert seen["images"] >= 4 and seen["broken"] == 0 and seen["sticky"] == "sticky"  # as `make demo` writes it
+    assert screenshot(chromium, DEMO, tmp_path, "demo")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_markdown_tables_parse(report_dir):

@@ -12,7 +12,7 @@ from harness.report.commands import build_sections, compare, leaderboard, report
 from harness.report.compare import dlm_vs_ar, paired
 from harness.report.hardware import hardware_tables, measurement_tables
 from harness.report.reference import known_parents, load_papers, references, reproduction
-from harness.report.tables import leaderboards
+from harness.report.tables import leaderboards, metric_boards
 from harness.scoring.metric import fraction_metrics
 from harness.scoring.metrics import aggregate
 from harness.store import Store
@@ -115,9 +115,11 @@ def test_report_writes_markdown_and_html_from_the_store_only(built):
     for heading in ("Leaderboard", "DLM vs AR", "Paper reproduction", "Speed and quality", "Hardware"):
         assert f"## {heading}" in md and f"<h2>{heading}</h2>" in html
     assert "paper_grid ×32" in md and "n=60" in md and "0-shot" in md and "torch 2.13.0" in md
-    assert html.count("data:image/png;base64,") == 2  # the H100 Pareto plot and the steps curve
-    assert "<script" not in html and "http://" not in html and "https://" not in html  # nothing to fetch
-    assert len(list((tmp_path / "report" / "figures").glob("*.png"))) == 2
+    # per-task bars of the suite, the H100 Pareto plot, the steps curve, tokens/s across hardware
+    assert html.count("data:image/png;base64,") == 4
+    assert html.count("<script") == 1 and "<script src" not in html  # one inline script (sorting)
+    assert "http://" not in html and "https://" not in html  # nothing to fetch
+    assert len(list((tmp_path / "report" / "figures").glob("*.png"))) == 4
 
 
 def test_leaderboard_has_one_row_per_model_and_separates_prompt_variants(built):
@@ -126,14 +128,34 @@ def test_leaderboard_has_one_row_per_model_and_separates_prompt_variants(built):
     (board,) = leaderboards(cells)
     assert sorted(row[0] for row in board.rows) == sorted(ACCURACY)
     assert board.header[-2:] == ["piqa", "hellaswag"]
+    assert board.subheader[-1] == "acc (%) · n=60 · 0-shot · ↑ higher is better"
     gpt2 = next(row for row in board.rows if row[0] == "gpt2")
-    piqa = next(c for c in cells if c.model == "gpt2" and c.task == "piqa" and c.metric == "acc")
-    assert gpt2[-2] == f"{piqa.value * 100:.1f} ± {piqa.stderr * 100:.1f}"
+    assert gpt2[-2:] == ["61.7 ± 6.3", "30.0 ± 6.0"]  # to the standard error's precision
+    (every,) = metric_boards(cells)
+    # every other metric is one click away: a collapsed table of each (task, metric)
+    assert every.collapsed and every.header[-4:] == ["piqa · acc", "piqa · acc_norm", "hellaswag · acc",
+                                                     "hellaswag · acc_norm"]
     # the same task with other prompts is never merged into the same column
     add_eval_run(store, "gpt2", {**AR_FP, "dtype": "bfloat16"}, tasks=("piqa",), prompt_salt=" (other template)")
     (board,) = leaderboards(collect_cells(store, store.runs()))
     assert {"piqa (a)", "piqa (b)"} <= set(board.header)
-    assert any("piqa (b): task hash" in line for line in board.settings)
+    assert sum("piqa (b): task hash" in line for line in board.settings) == 1
+
+
+def test_runs_that_differ_only_in_limit_share_a_column(built):
+    store, ids, _ = built
+    add_eval_run(store, "gpt2", {**AR_FP, "dtype": "bfloat16"}, tasks=("piqa",),
+                 outcomes={"piqa": [1.0, 0.0] * 10})  # 20 documents, the same prompts
+    (board,) = leaderboards(collect_cells(store, store.runs()))
+    assert board.header[5:] == ["piqa", "hellaswag"] and "n=20/60" in board.subheader[5]
+    assert not any("lettered" in line for line in board.settings)
+
+
+def test_leaderboard_rows_link_to_run_pages(built):
+    store, ids, _ = built
+    (board,) = leaderboards(collect_cells(store, store.runs()), link=True)
+    assert {(str(row[0]), row[0].href) for row in board.rows} == {
+        (model, f"runs/{ids[model]}.html") for model in ACCURACY}
 
 
 def test_dlm_vs_ar_deltas_pair_parent_and_best_ar(built):
@@ -245,7 +267,8 @@ def test_report_of_a_real_run_on_a_tiny_model(tiny_llama_dir, data_dir, tmp_path
                                  output=tmp_path, batch_size=4))
     store = Store(tmp_path / "store.sqlite")
     sections = build_sections(store, [store.run(results["harness"]["run_id"])])
-    (board,) = sections[0].tables
+    board, every = sections[0].tables
+    assert every.collapsed and every.header[-1] == "piqa · acc_norm"
     assert len(board.rows) == 1 and board.header[-1] == "piqa" and "n=3" in board.subheader[-1]
     assert board.rows[0][2] == "exact LL"
     report([results["harness"]["run_id"][:10]], all_runs=False, out=tmp_path / "r", store=None, output=tmp_path)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-NUMERIC = re.compile(r"^[(+\-−]?[\d,.]+\)?( ± [\d,.]+)?( \S+)?$|^–$")
+NUMBER = r"[\d,.]+(e-?\d+)?"
+NUMERIC = re.compile(rf"^[(+\-−]?{NUMBER}\)?( ± {NUMBER})?( \S+)?$|^–$")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Table:
     settings: list[str] = field(default_factory=list)  # effective settings, shown above the header
     subheader: list[str] = field(default_factory=list)  # per-column settings under the header (HTML)
     notes: list[str] = field(default_factory=list)  # footnotes, numbered [1], [2], ... in the cells
+    collapsed: bool = False  # one click away (HTML <details>): secondary views, reference text
 
     def numeric(self) -> list[bool]:
         """Columns whose cells are all numbers (right-aligned by the renderers)."""
@@ -41,7 +43,8 @@ class Figure:
     name: str  # file stem for the Markdown report's PNG
     title: str
     png: bytes
-    caption: str = ""
+    caption: str = ""  # names the settings behind the picture
+    table: Table | None = None  # the same numbers, as a table
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.hashing import stable_hash
 from harness.report.format import DASH
+from harness.report.names import display_name
 from harness.report.specs import metric_spec, result_output_type, result_specs
 from harness.scoring.metric import Metric
 from harness.store import Store
@@ -49,10 +50,13 @@ class Cell:
     names: frozenset = frozenset()  # every name the model goes by (card, --model, weights)
     versions: str = ""
     complete: bool = True
+    first_prompt: str = ""  # the request hash of the run's first document
 
     @property
     def variant(self) -> tuple[str, str, str]:
-        return self.task, self.task_hash, self.prompt_hash
+        """What a column holds: the task, its settings and its prompts. Runs that differ only in
+        ``--limit`` share it (their first document's requests agree); other prompts do not."""
+        return self.task, self.task_hash, self.first_prompt or self.prompt_hash
 
     @property
     def n_shot(self) -> int:
@@ -78,7 +82,13 @@ def select_runs(store: Store, run_ids: list[str], all_runs: bool) -> list[dict[s
 
 
 def model_name(run: dict[str, Any]) -> str:
-    return run["model_fingerprint"].get("name") or run["model"]
+    """The model's display name (``harness.report.names``): its card's, or its checkpoint's recipe."""
+    return display_name(run["model_fingerprint"].get("name") or run["model"], run["model_fingerprint"])
+
+
+def first_prompt(store: Store, run_id: str, task: str) -> str:
+    records = store.records(run_id, task)
+    return str(records[0][2].get("requests_hash") or records[0][2].get("prompt_hash") or "") if records else ""
 
 
 def family(run: dict[str, Any]) -> str:
@@ -119,7 +129,7 @@ def collect_cells(store: Store, runs: list[dict[str, Any]]) -> list[Cell]:
         fp = run["model_fingerprint"]
         stable = {k: v for k, v in fp.items() if k not in ("batch_size", "device", "seed")}
         key = stable_hash([model_name(run), stable, run["config"].get("seed")])
-        names = frozenset(str(x) for x in (model_name(run), run["model"], fp.get("weights")) if x)
+        names = frozenset(str(x) for x in (model_name(run), fp.get("name"), run["model"], fp.get("weights")) if x)
         parent = fp.get("base_model") or (run["config"].get("model_args") or {}).get("base_model")
         order = list(run["config"].get("tasks") or [])
         results = store.task_results(run["run_id"])
@@ -136,7 +146,8 @@ def collect_cells(store: Store, runs: list[dict[str, Any]]) -> list[Cell]:
                     None if stderr is None or math.isnan(stderr) else float(stderr), result["n"],
                     result["task_hash"], result["prompt_hash"], how, key, fp.get("dtype") or "?",
                     run["config"].get("seed"), run["config"].get("suite") or "", spec, options,
-                    fp, parent, names, versions(run), run["status"] == "complete"))
+                    fp, parent, names, versions(run), run["status"] == "complete",
+                    first_prompt(store, run["run_id"], task)))
     return cells
 
 
@@ -181,7 +192,7 @@ def collect_measurements(store: Store, runs: list[dict[str, Any]]) -> list[dict[
             setting = m.get("setting") if isinstance(m.get("setting"), dict) else {}
             latency, first = m.get("latency_s") or {}, m.get("first_token_s") or {}
             memory = m.get("peak_memory_bytes")
-            name = model_name(run) if m.get("model") in (None, run["model"]) else m["model"]
+            name = model_name(run) if m.get("model") in (None, run["model"], fp.get("name")) else m["model"]
             out.append({**m, "run_id": run["run_id"], "model": name,
                         "backend": m.get("backend") or fp.get("backend") or DASH, "dtype": dtype,
                         "variant": m.get("variant") or m.get("sampler") or (fp.get("sampler") or {}).get("name") or

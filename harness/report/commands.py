@@ -10,12 +10,15 @@ import typer
 
 from harness.errors import HarnessError
 from harness.report import Section, Table
-from harness.report.collect import (collect_cells, collect_measurements, hardware_label, model_name, select_runs,
+from harness.report.collect import (Cell, collect_cells, collect_measurements, hardware_label, model_name, select_runs,
                                     versions)
 from harness.report.hardware import hardware_tables, measurement_tables
-from harness.report.tables import leaderboards, results_table, runs_table
+from harness.report.tables import boards, results_table, runs_table, suite_title
 from harness.report.compare import dlm_vs_ar, paired, paired_table
-from harness.report.reference import facts_table, known_parents, load_papers, references, reproduction
+from harness.report.plots import have_matplotlib
+from harness.report.reference import (facts_table, known_parents, load_papers, references, reproduction,
+                                      unreachable_table)
+from harness.report.training import training_sections
 from harness.store import Store, default_store_path
 
 STORE_HELP = "The results store (default: OUTPUT/store.sqlite or $HARNESS_STORE)."
@@ -44,6 +47,10 @@ def section(title: str, tables: list[Table], empty: str, text: list[str] | None 
     return Section(title, (text or []) + ([empty] if missing else []), [t for t in tables if t.rows], **kwargs)
 
 
+NO_MATPLOTLIB = ("Figures need matplotlib (pip install 'dlm-harness[report]'); the tables below hold the same "
+                 "numbers.")
+
+
 def build_sections(store: Store, runs: list[dict[str, Any]], link_runs: bool = False) -> list[Section]:
     cells = collect_cells(store, runs)
     measurements = collect_measurements(store, runs)
@@ -51,32 +58,53 @@ def build_sections(store: Store, runs: list[dict[str, Any]], link_runs: bool = F
         names = ", ".join(r["run_id"] for r in runs)
         raise HarnessError(f"nothing to report: {names} hold no task results or measurements yet "
                            "(an interrupted run is finished by running the same command again)")
-    papers = load_papers()
-    sections = []
-    if cells:
-        table, _ = reproduction(references(papers), cells, measurements)
-        sections += [
-            section("Leaderboard", leaderboards(cells), "No task results.", [
-                "Value ± standard error of each task's primary metric, in its unit (fractions in %, "
-                "perplexities as they are). A row is one model "
-                "configuration (model, scoring, dtype, seed); a task produced with different data, prompts or "
-                "options gets separate lettered columns."]),
-            section("DLM vs AR", [dlm_vs_ar(cells, known_parents(papers))],
-                    "No DLM and AR runs scored the same task the same way."),
-            section("Paper reproduction", [table, facts_table(papers)],
-                    "No run matches a published model and task (see harness/resources/papers)."),
-        ]
+    figures = have_matplotlib()
+    sections = eval_sections(cells, measurements, link_runs, figures) if cells else []
     if measurements:
-        from harness.report.plots import speed_quality_figures
-
-        sections += [
-            section("Speed and quality", [], "No throughput measurement carries a quality value.",
-                    figures=speed_quality_figures(measurements)),
-            section("Hardware", hardware_tables(measurements), "No hardware fingerprints."),
-            section("Throughput measurements", measurement_tables(measurements), "No measurements."),
-        ]
+        sections += speed_sections(measurements, figures)
+    if not figures:
+        sections[0].text.insert(0, NO_MATPLOTLIB)
     sections.append(section("Provenance", [results_table(cells), runs_table(runs, link=link_runs)], "No runs."))
     return sections
+
+
+def eval_sections(cells: list[Cell], measurements: list[dict[str, Any]], link: bool, figures: bool) -> list[Section]:
+    """Leaderboard (with a picture per suite), DLM vs AR, steps and samples, adapted checkpoints, papers."""
+    from harness.report.charts import knob_figures, suite_figures
+
+    papers = load_papers()
+    refs = references(papers)
+    table, _ = reproduction(refs, cells, measurements)
+    pictures = [f for suite in dict.fromkeys(c.suite for c in cells)
+                for f in suite_figures([c for c in cells if c.suite == suite], suite_title(suite))] if figures else []
+    knobs = knob_figures(cells) if figures else []
+    return [
+        section("Leaderboard", boards(cells, link), "No task results.", [
+            "Value ± standard error of each task's primary metric, in its unit (fractions in %, perplexities as "
+            "they are); every other metric is one click away under each table. A row is one model configuration "
+            "(model, scoring, dtype, seed); click a column header to sort."], figures=pictures),
+        section("DLM vs AR", [dlm_vs_ar(cells, known_parents(papers))],
+                "No DLM and AR runs scored the same task the same way."),
+        *([Section("Diffusion steps and samples", figures=knobs)] if knobs else []),
+        *training_sections(cells, figures),
+        section("Paper reproduction", [table, unreachable_table(refs, cells), facts_table(papers)],
+                "No run matches a published model and task (see harness/resources/papers); the reference "
+                "text is folded below."),
+    ]
+
+
+def speed_sections(measurements: list[dict[str, Any]], figures: bool) -> list[Section]:
+    from harness.report.plots import hardware_figure, speed_quality_figures
+
+    pictures = speed_quality_figures(measurements) if figures else []
+    across = hardware_figure(measurements) if figures else None
+    return [
+        section("Speed and quality", [], "No throughput measurement carries a quality value, so there is no "
+                "speed-quality front (a speed-quality suite, one with options.quality, records them).", figures=pictures),
+        section("Hardware", hardware_tables(measurements), "No hardware fingerprints.",
+                figures=[across] if across else []),
+        section("Throughput measurements", measurement_tables(measurements), "No measurements."),
+    ]
 
 
 def run_sections(store: Store, run: dict[str, Any]) -> list[Section]:

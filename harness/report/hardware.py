@@ -83,7 +83,8 @@ def measurement_tables(measurements: list[dict[str, Any]]) -> list[Table]:
                 [quality_label(m["quality"])] for m in mine]
         tables.append(Table(f"Measurements on {name}: {hardware_label(mine[0]['hardware'])}",
                             ["Model", "Backend", "Variant", "dtype", "Setting"] + [label for _, label, _, _ in MEASURES] +
-                            ["Quality"], rows, settings=[f"runs: {', '.join(dict.fromkeys(m['run_id'] for m in mine))}"]))
+                            ["Quality"], rows, settings=[f"runs: {', '.join(dict.fromkeys(m['run_id'] for m in mine))}"],
+                            collapsed=True))
     return tables
 
 

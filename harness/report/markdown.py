@@ -1,11 +1,17 @@
 """Markdown rendering: pipe tables (GitHub style) and figures written next to the page as PNG files."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jinja2
 
 from harness.report import Link, Section, Table
+
+
+def safe_name(name: str) -> str:
+    """A figure's file stem with only [A-Za-z0-9._-] (model names may hold '@' or '/')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
 def md_cell(cell: str | Link) -> str:
@@ -39,7 +45,7 @@ def write_markdown(path: Path, title: str, sections: list[Section], **kwargs) ->
     """Write ``path`` and its figures as ``figures/<name>.png`` beside it."""
     figures = {}
     for figure in (f for s in sections for f in s.figures):
-        target = path.parent / "figures" / f"{figure.name}.png"
+        target = path.parent / "figures" / f"{safe_name(figure.name)}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(figure.png)
         figures[figure.name] = f"figures/{target.name}"

@@ -12,19 +12,33 @@ import io
 import itertools
 from typing import Any
 
-from harness.report import Figure
+from harness.report import Figure, Table
+from harness.report.format import fmt, number
 from harness.report.hardware import hardware_ids
 
 
+GREY = "#808080"  # text and axes that read on a light page, a dark page and paper
+STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+         "grid.alpha": 0.35, "grid.color": GREY, "figure.dpi": 110, "savefig.dpi": 150, "savefig.transparent": True,
+         "figure.facecolor": "none", "axes.facecolor": "none", "text.color": GREY, "axes.labelcolor": GREY,
+         "axes.edgecolor": GREY, "xtick.color": GREY, "ytick.color": GREY, "legend.labelcolor": GREY}
+
+
 def pyplot():
+    """matplotlib's pyplot (Agg) in the report's style: transparent, mid-grey text, readable in both themes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
-                         "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 110, "savefig.dpi": 150})
+    plt.rcParams.update(STYLE)
     return plt
+
+
+def have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def png(fig) -> bytes:
@@ -85,19 +99,24 @@ def pareto_figure(plt, points, task: str, metric: str, unit: str, scale: float, 
         for m in mine:
             if m["setting"].get("steps") is not None:
                 ax.annotate(str(m["setting"]["steps"]), (m["tokens_per_s"], m["quality"]["value"] * scale),
-                            textcoords="offset points", xytext=(4, 3), fontsize=7, color="0.35")
+                            textcoords="offset points", xytext=(4, 3), fontsize=7, color=GREY)
     direction = points[0]["quality"]["spec"].higher_is_better
     if direction is not None:
         front = pareto_front([(m["tokens_per_s"], m["quality"]["value"] * scale) for m in points], direction)
-        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="0.2", lw=1, ls="--",
+        ax.step([x for x, _ in front], [y for _, y in front], where="post", color=GREY, lw=1, ls="--",
                 label="Pareto front", zorder=2)
     ax.set_xscale("log")
     ax.set_xlabel("throughput (tokens/s, log scale)")
     ax.set_ylabel(unit)
     ax.legend(frameon=False, fontsize=8)
     title = f"Speed vs quality: {task} on {hardware}"
+    table = Table(title, ["Model", "Variant", "Setting", "tokens/s", unit],
+                  [[m["model"], m["variant"], m["setting_label"], number(m["tokens_per_s"]),
+                    fmt(m["quality"]["value"], m["quality"].get("stderr"), scale)] for m in points])
     return Figure(f"pareto-{task}-{metric}-{points[0]['hardware_id']}", title, png(fig),
-                  "Each point is one measured setting, labelled by its number of denoising steps.")
+                  f"One series per model and decoding variant (sampler, cache); each point one measured setting, "
+                  f"labelled by its denoising steps; quality {unit} on n={points[0]['quality'].get('n', '?')}. "
+                  "The dashed line is the Pareto front.", table)
 
 
 def steps_figure(plt, points, task: str, metric: str, unit: str, scale: float) -> Figure | None:
@@ -115,5 +134,39 @@ def steps_figure(plt, points, task: str, metric: str, unit: str, scale: float) -
     ax.set_xlabel("denoising steps (log scale)")
     ax.set_ylabel(unit)
     ax.legend(frameon=False, fontsize=8)
+    table = Table(f"Steps vs quality: {task}", ["Model", "Variant", "Setting", "Steps", unit],
+                  [[m["model"], m["variant"], m["setting_label"], str(m["setting"]["steps"]),
+                    fmt(m["quality"]["value"], m["quality"].get("stderr"), scale)] for m in stepped])
     return Figure(f"steps-{task}-{metric}", f"Steps vs quality: {task}", png(fig),
-                  "Quality of each model/variant/generation length as the number of steps grows.")
+                  f"{unit} of each model, variant and generation length as the number of denoising steps grows "
+                  "(all hardware pooled: quality does not depend on it).", table)
+
+
+def hardware_figure(measurements: list[dict[str, Any]]) -> Figure | None:
+    """Tokens/s of every (model, variant, setting) on every hardware: horizontal bars, log scale."""
+    timed = [m for m in measurements if isinstance(m.get("tokens_per_s"), (int, float)) and m["tokens_per_s"] > 0]
+    if not timed:
+        return None
+    ids = hardware_ids(timed)
+    latest = {(m["model"], m["variant"], m["setting_label"], m["hardware_id"]): m for m in timed}
+    series = list(dict.fromkeys(key[:3] for key in latest))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.22 * len(series) * len(ids)))
+    height = 0.8 / len(ids)
+    for k, hid in enumerate(ids):
+        values = [latest[s + (hid,)]["tokens_per_s"] if s + (hid,) in latest else 0 for s in series]
+        label = f"{ids[hid]} {next(m['hardware_label'] for m in timed if m['hardware_id'] == hid)}"
+        ax.barh([i + k * height for i in range(len(series))], values, height=height, label=label)
+    ax.set_yticks([i + height * (len(ids) - 1) / 2 for i in range(len(series))],
+                  [" · ".join(s[:2]) + f" · {s[2]}" for s in series], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("throughput (tokens/s, log scale)")
+    ax.legend(frameon=False, fontsize=8)
+    rows = [[*s, *(number(latest[s + (h,)]["tokens_per_s"]) if s + (h,) in latest else "–" for h in ids)]
+            for s in series]
+    title = "Tokens/s across hardware"
+    table = Table(title, ["Model", "Variant", "Setting", *ids.values()], rows)
+    return Figure("hardware-tokens-per-s", title, png(fig),
+                  f"The latest measurement of each model, decoding variant and setting on each of {len(ids)} "
+                  "hardware fingerprint(s) (see Hardware fingerprints).", table)

@@ -258,4 +258,19 @@ def facts_table(papers: list[dict[str, Any]]) -> Table:
         tables = ", ".join(t.get("table", "?") for t in paper.get("tables") or []) or DASH
         facts = " ".join(paper.get("facts") or []) or DASH
         rows.append([f"{paper['paper']} ({paper.get('short', '')})", str(paper["arxiv"]), tables, facts])
-    return Table("Reference sources (harness/resources/papers)", ["Paper", "arXiv", "Tables as data", "Facts"], rows)
+    return Table("Reference sources (harness/resources/papers)", ["Paper", "arXiv", "Tables as data", "Facts"], rows,
+                 collapsed=True)
+
+
+def unreachable_table(refs: list[Reference], cells: list[Cell]) -> Table:
+    """Published cells of the reported models that the harness cannot reproduce, with the reason."""
+    names = {name for c in cells for name in c.names}
+    rows = []
+    for r in refs:
+        if r.harness not in names or (r.match and r.value is not None):
+            continue
+        why = "the paper file marks it not matchable" if not r.match else "the paper prints no number"
+        rows.append([r.model, r.column, f"{r.shown} {r.unit}".rstrip(), f"not reproducible here: {why}",
+                     " ".join(r.notes) or DASH, r.source])
+    return Table("Published cells not reproducible here", ["Paper model", "Paper column", "Paper", "Why", "Notes",
+                                                           "Source"], rows, collapsed=True)
