@@ -21,10 +21,16 @@ from harness.scoring.sandbox import (
     network_isolation_available,
     run_many,
     run_program,
+    tree_memory_cap_available,
+    unix_socket_isolation_available,
 )
 
 FAST = SandboxLimits(timeout_s=5)
 needs_netns = pytest.mark.skipif(not network_isolation_available(), reason="unshare cannot create namespaces here")
+needs_seccomp = pytest.mark.skipif(not unix_socket_isolation_available(),
+                                   reason="no seccomp filter for this architecture: AF_UNIX sockets are not refused")
+needs_cgroup = pytest.mark.skipif(not tree_memory_cap_available(),
+                                  reason="no writable cgroup (v2 delegating memory+pids, or v1 memory and pids) here")
 needs_fs = pytest.mark.skipif(not filesystem_isolation_available(),
                               reason="read-only filesystem and throwaway uid need root and namespaces")
 
@@ -125,8 +131,8 @@ def test_infinite_loop_times_out_fast(loop):
     assert_contained(r, "timeout")
 
 
-@pytest.mark.skipif(os.geteuid() == 0 and not filesystem_isolation_available(),
-                    reason="root without a throwaway uid: RLIMIT_NPROC does not apply, nothing caps the bomb")
+@pytest.mark.skipif(os.geteuid() == 0 and not (filesystem_isolation_available() or tree_memory_cap_available()),
+                    reason="root without a throwaway uid or cgroup: RLIMIT_NPROC does not apply, nothing caps the bomb")
 @pytest.mark.parametrize("bomb", [
     "import os\nwhile True:\n    os.fork()\n",
     "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
@@ -211,8 +217,13 @@ def test_network_flag_keeps_the_host_network():
 
 @pytest.fixture
 def outside_dir():
-    """A world-writable directory with a world-writable file and a root-only secret, outside the sandbox."""
-    path = Path(tempfile.mkdtemp(prefix="sandbox-outside-"))
+    """A world-writable directory with a world-writable file and a root-only secret, outside the sandbox.
+
+    It is not under /tmp (which the confined sandbox sees empty) but in the git-ignored pytest cache.
+    """
+    cache = Path(__file__).resolve().parents[1] / ".pytest_cache"
+    cache.mkdir(exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="sandbox-outside-", dir=cache))
     path.chmod(0o777)
     (path / "keep.txt").write_text("original")
     (path / "keep.txt").chmod(0o666)
@@ -267,6 +278,98 @@ def test_cannot_delete_or_modify_files_outside(outside_dir):
 @needs_fs
 def test_runs_unprivileged():
     r = run("import os\nassert os.getuid() != 0 and os.geteuid() != 0 and os.getgroups() == []\n")
+    assert r.passed, r
+
+
+@pytest.fixture(params=["tmp", "outside"])
+def unix_server(request, outside_dir):
+    """A listening, world-writable unix socket of the test's own: in /tmp, or in a directory the sandbox sees."""
+    parent = Path(tempfile.mkdtemp(prefix="sandbox-sock-")) if request.param == "tmp" else outside_dir
+    parent.chmod(0o777)
+    path = parent / "server.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        path.chmod(0o777)
+        server.listen()
+        server.setblocking(False)
+        yield server, path
+    path.unlink()
+    if request.param == "tmp":
+        parent.rmdir()
+
+
+@needs_seccomp
+def test_unix_socket_outside_is_unreachable(unix_server):
+    server, path = unix_server
+    r = run(f"""
+        import socket
+        a, b = socket.socketpair()  # a private pair stays possible (multiprocessing uses it)
+        a.sendall(b"x"); assert b.recv(1) == b"x"
+        s = socket.socket(socket.AF_UNIX)
+        s.connect({str(path)!r})
+    """)
+    assert "PermissionError" in r.stderr and "s = socket.socket" in r.stderr, r
+    assert_contained(r)
+    with pytest.raises(BlockingIOError):
+        server.accept()
+
+
+@needs_fs
+def test_tmp_run_and_shm_are_empty():
+    r = run("""
+        import os
+        here = os.getcwd()  # the working directory itself may sit in one of them
+        for path in ("/tmp", "/var/tmp", "/run", "/var/run", "/dev/shm"):
+            expected = [os.path.basename(here)] if os.path.realpath(path) == os.path.dirname(here) else []
+            assert os.listdir(path) == expected, (path, os.listdir(path))
+    """)
+    assert r.passed, r
+
+
+TREE = """
+import os, time
+pids = []
+for _ in range(4):
+    pid = os.fork()
+    if pid == 0:
+        block = b"x" * (150 << 20)  # touched: 150 MiB resident in each of 4 children
+        time.sleep(0.5)
+        os._exit(0)
+    pids.append(pid)
+assert all(os.waitpid(pid, 0)[1] == 0 for pid in pids), "a child was killed"
+"""
+
+
+@needs_cgroup
+def test_process_tree_shares_one_memory_cap():
+    roomy = run_program(TREE, SandboxLimits(timeout_s=20, memory_mb=512, tree_memory_mb=1024))
+    assert roomy.passed, roomy
+    tight = run_program(TREE, SandboxLimits(timeout_s=20, memory_mb=512, tree_memory_mb=384))
+    assert not tight.passed and tight.status == "failed", tight
+    assert sandbox_processes() == []
+
+
+@needs_cgroup
+def test_process_cap_holds():
+    r = run("""
+        import os
+        for _ in range(20):
+            if os.fork() == 0:
+                import time; time.sleep(2); os._exit(0)
+    """, SandboxLimits(timeout_s=5, max_processes=8))
+    assert "BlockingIOError" in r.stderr or "Resource temporarily unavailable" in r.stderr, r
+    assert_contained(r)
+
+
+def test_known_limit_frame_walking_forges_a_pass():
+    """Documents the limit stated in the README: code aimed at this harness can read the nonce."""
+    r = run("""
+        import os, sys
+        frame = sys._getframe(1).f_locals
+        frame["write"](frame["fd"], frame["nonce"])
+        os._exit(0)
+        assert False, "never reached"
+    """)
     assert r.passed, r
 
 

@@ -5,31 +5,43 @@ site-packages and no ``exit()``) in its own session, a fresh temporary working d
 removed afterwards, a minimal environment (PATH; HOME and TMPDIR point at the working directory),
 rlimits (CPU, address space, processes, file size, no core dumps) and a wall-clock timeout. On
 timeout its whole process tree is killed, and whatever it leaves behind once it exits. Output is
-read as it comes and cut at ``max_output_bytes`` per stream; stdin is empty.
+read as it comes and cut at ``max_output_bytes`` per stream; stdin is empty. The start-up code
+(``sandbox_bootstrap``) confines the interpreter before any untrusted code runs.
 
-Pass marker: the harness puts a random nonce on the child's stdin. A small bootstrap reads it
-before any untrusted code runs, execs the program as ``__main__`` and, only if that returns
-normally, writes the nonce to a pipe that is not stdout. ``passed`` requires that nonce and exit
-status 0, so exiting early (``sys.exit(0)``, ``os._exit(0)``, an ``atexit`` hook that hides a
-failure), printing a fake marker, redefining ``check`` or patching ``builtins``/``sys`` does not
-pass. The nonce sits in the bootstrap's frame in the same process, so code written to attack this
-harness specifically (walking frames) could forge a pass; it is not in the program's source.
+Pass marker: the harness puts a random nonce on the child's stdin; the bootstrap reads it, execs
+the program as ``__main__`` and, only if that returns normally, writes the nonce to a pipe that is
+not stdout. ``passed`` requires that nonce and exit status 0, so exiting early, an ``atexit`` hook
+that hides a failure, printing a fake marker, redefining ``check`` or patching ``builtins``/``sys``
+does not pass. Not forgery-proof: the nonce and the pipe are in the program's own process (the
+bootstrap's frame), so code written against this harness (``sys._getframe(1).f_locals``) can
+report a pass. No in-process design avoids that: the tests and the candidate share one interpreter.
+
+Memory and processes (``tree_memory_cap_available()``): each program gets its own cgroup (v2 if
+the caller's cgroup delegates ``memory`` and ``pids``, else v1) with ``tree_memory_mb`` of RAM +
+swap and ``max_processes`` tasks for the whole tree; otherwise only the per-process
+``RLIMIT_AS``, so a tree can hold up to ``max_processes`` x ``memory_mb`` (32 GiB by default),
+and nothing at all bounds root without a throwaway uid, where ``RLIMIT_NPROC`` does not apply.
+
+Unix sockets (``unix_socket_isolation_available()``: x86_64 and aarch64): unless ``network=True``
+a seccomp filter refuses ``socket(AF_UNIX, ...)`` (EACCES) and ``io_uring_setup`` and kills the
+process on a foreign syscall ABI (i386, x32); ``socketpair`` still works.
 
 Isolation: where ``unshare`` can create namespaces (``network_isolation_available()``), the
 program is PID 1 of a new PID namespace, so its whole process tree dies with it, and gets new
-IPC and network namespaces (only a downed loopback: no connections, not even to 127.0.0.1,
-unless ``network=True``). Running as root (``filesystem_isolation_available()``), the bootstrap
-also makes a private mount namespace read-only and nosuid, mounts a size-capped tmpfs as the
-working directory, hides the non-world-traversable ancestor of the interpreter (e.g. ``/root``)
-behind an empty tmpfs, then drops to a throwaway uid with no groups, no capabilities and
-no_new_privs. So the program cannot write or delete anything outside its working directory, can
-read only world-readable files, cannot signal the harness, and ``RLIMIT_NPROC`` (which root
-ignores) caps fork bombs; ``/dev/shm`` is read-only too, so ``multiprocessing`` locks fail. Not
-root but user namespaces allowed: the same namespaces inside a user namespace, but the program
-keeps the caller's file access. Without namespaces: only rlimits, process-group kill and the
-throwaway directory; the network is reachable and ``os.kill(-1, 9)`` would hit the caller's
-processes. Never: a memory cap on the process tree as a whole (only ``RLIMIT_AS`` per process),
-CPU or disk I/O throttling, or protection from kernel bugs.
+IPC and network namespaces (only a downed loopback and no shared abstract unix sockets: no
+connections, not even to 127.0.0.1, unless ``network=True``). Running as root
+(``filesystem_isolation_available()``), the bootstrap also makes a private mount namespace
+read-only and nosuid, puts empty tmpfs over ``/tmp``, ``/var/tmp``, ``/run`` (``/var/run``) and
+``/dev/shm`` and over the non-world-traversable ancestor of the interpreter (e.g. ``/root``,
+grafting the stdlib back), mounts a size-capped tmpfs as the working directory, then drops to a
+throwaway uid with no groups, no capabilities and no_new_privs. So the program cannot write or
+delete anything outside its working directory, can read only world-readable files, cannot signal
+the harness, and ``RLIMIT_NPROC`` also caps fork bombs; ``multiprocessing`` locks fail (no
+writable ``/dev/shm``). Not root but user namespaces allowed: the same namespaces inside a user
+namespace, but the program keeps the caller's file access. Without namespaces: rlimits, cgroup,
+seccomp, process-group kill and the throwaway directory; the network is reachable and
+``os.kill(-1, 9)`` would hit the caller's processes. Never: CPU or disk I/O throttling, or
+protection from kernel bugs.
 """
 from __future__ import annotations
 
@@ -47,81 +59,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
+from harness.scoring import sandbox_cgroup
+from harness.scoring.sandbox_bootstrap import BOOTSTRAP, seccomp_available
+
 _UID_BASE = 1 << 30  # throwaway uids are drawn from [_UID_BASE, 2 * _UID_BASE)
 _READY = b"R"  # the bootstrap writes it before untrusted code runs; without it the sandbox failed
-
-# Runs in the sandboxed interpreter before the program. argv: working directory, result fd, uid
-# (-1: no confinement), CPU seconds, address-space bytes, processes, file bytes; nonce on stdin.
-_BOOTSTRAP = r'''
-def _confine(workdir, uid, file_bytes, source):
-    import ctypes, os, sys
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-
-    def check(ret):
-        if ret < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return ret
-
-    def syscall(nr, *args):  # open_tree 428, move_mount 429, mount_setattr 442
-        args = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
-        return check(libc.syscall(ctypes.c_long(nr), *args))
-
-    def mount(source, target, fstype, flags, data):
-        check(libc.mount(source, target.encode(), fstype, ctypes.c_ulong(flags), data))
-
-    at_fdcwd, at_recursive = -100, 0x8000
-    os.umask(0o022)
-    prefix = os.path.realpath(sys.base_prefix)
-    parts = prefix.split("/")
-    for i in range(2, len(parts)):
-        hidden = "/".join(parts[:i])
-        if not os.stat(hidden).st_mode & 0o001:  # the uid could not reach the stdlib: mask, graft back
-            tree = syscall(428, at_fdcwd, prefix.encode(), 1 | at_recursive)  # OPEN_TREE_CLONE
-            mount(b"tmpfs", hidden, b"tmpfs", 0, b"mode=755")
-            os.makedirs(prefix)
-            syscall(429, tree, b"", at_fdcwd, prefix.encode(), 4)  # MOVE_MOUNT_F_EMPTY_PATH
-            os.close(tree)
-            break
-    readonly = (ctypes.c_uint64 * 4)(0x1 | 0x2, 0, 0, 0)  # MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
-    syscall(442, at_fdcwd, b"/", at_recursive, readonly, 32)
-    opts = f"size={file_bytes},nr_inodes=4096,mode=700,uid={uid},gid={uid}"
-    mount(b"tmpfs", workdir, b"tmpfs", 0x2 | 0x4, opts.encode())  # MS_NOSUID | MS_NODEV
-    os.chdir(workdir)
-    with open("program.py", "wb") as f:
-        f.write(source)
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-    check(libc.prctl(38, 1, 0, 0, 0))  # PR_SET_NO_NEW_PRIVS
-    check(libc.prctl(1, 9, 0, 0, 0))  # PR_SET_PDEATHSIG = SIGKILL again: the uid change cleared it
-
-def _main(workdir, fd, uid, cpu, memory, processes, file_bytes):
-    import os, resource, sys
-    nonce = b""
-    while chunk := os.read(0, 64):
-        nonce += chunk
-    write = os.write
-    with open("program.py", "rb") as f:
-        source = f.read()
-    for res, limit in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory),
-                       (resource.RLIMIT_NPROC, processes), (resource.RLIMIT_FSIZE, file_bytes),
-                       (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(res, (limit, limit))
-    if uid >= 0:
-        _confine(workdir, uid, file_bytes, source)
-    write(fd, b"R")  # _READY
-    main = sys.modules["__main__"].__dict__
-    del main["_confine"], main["_main"]
-    main["__file__"] = "program.py"
-    sys.argv[:] = ["program.py"]
-    exec(compile(source, "program.py", "exec"), main)
-    write(fd, nonce)
-
-_main(__import__("sys").argv[1], *map(int, __import__("sys").argv[2:]))
-'''
-
 
 @dataclass
 class ExecutionResult:
@@ -140,7 +82,9 @@ class SandboxLimits:
     timeout_s: float = 10.0
     cpu_s: int = 10
     memory_mb: int = 1024  # address space per process
-    max_processes: int = 32  # RLIMIT_NPROC: per program when confined; else all of the caller's uid (root: none)
+    tree_memory_mb: int = 2048  # RAM + swap of the whole process tree, where cgroups allow
+    max_processes: int = 32  # pids.max per program with cgroups; RLIMIT_NPROC: per program when confined,
+    # else all of the caller's uid (root: none)
     max_file_mb: int = 16
     max_output_bytes: int = 64_000  # per stream
     network: bool = False
@@ -170,6 +114,16 @@ def network_isolation_available() -> bool:
 def filesystem_isolation_available() -> bool:
     """Whether programs run as a throwaway uid on a read-only filesystem (needs root and namespaces)."""
     return os.geteuid() == 0 and network_isolation_available()
+
+
+def unix_socket_isolation_available() -> bool:
+    """Whether programs (without ``network=True``) cannot create AF_UNIX sockets (a seccomp filter)."""
+    return seccomp_available()
+
+
+def tree_memory_cap_available() -> bool:
+    """Whether each program's whole process tree gets one memory and pids cap (its own cgroup)."""
+    return sandbox_cgroup.available()
 
 
 def _kill_group(pgid: int) -> None:
@@ -234,14 +188,16 @@ def _collect(proc: subprocess.Popen, result_fd: int, limits: SandboxLimits) -> t
         os.close(pidfd)
 
 
-def _command(workdir: str, result_fd: int, limits: SandboxLimits) -> list[str]:
+def _command(workdir: str, result_fd: int, limits: SandboxLimits, cgroups: list[str]) -> list[str]:
     prefix = _unshare()
     if prefix and limits.network:
         prefix = prefix[:-1]  # drop --net
     uid = _UID_BASE + secrets.randbelow(_UID_BASE) if prefix and os.geteuid() == 0 else -1
-    args = (workdir, result_fd, uid, limits.cpu_s, limits.memory_mb << 20, limits.max_processes,
-            limits.max_file_mb << 20)
-    return [*prefix, sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, *map(str, args)]
+    seccomp = int(not limits.network and seccomp_available())
+    procs = ":".join(os.path.join(c, "cgroup.procs") for c in cgroups) or "-"
+    args = (os.path.realpath(workdir), result_fd, uid, limits.cpu_s, limits.memory_mb << 20, limits.max_processes,
+            limits.max_file_mb << 20, seccomp, procs)
+    return [*prefix, sys.executable, "-I", "-S", "-B", "-c", BOOTSTRAP, *map(str, args)]
 
 
 def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
@@ -251,39 +207,50 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Execut
     """
     start = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="harness-sandbox-")
+    cgroups: list[str] = []
     try:
         with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
             f.write(program)
-        nonce = secrets.token_hex(16).encode()
-        nonce_r, nonce_w = os.pipe()
-        os.write(nonce_w, nonce)
-        os.close(nonce_w)
-        result_r, result_w = os.pipe()
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         try:
-            proc = subprocess.Popen(_command(workdir, result_w, limits), stdin=nonce_r, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, pass_fds=(result_w,), cwd=workdir, env=env,
-                                    start_new_session=True)
+            cgroups = sandbox_cgroup.create(limits.tree_memory_mb << 20, limits.max_processes)
         except OSError as e:
-            os.close(result_r)
-            return ExecutionResult(False, "error", None, "", f"cannot start sandbox: {e}", time.monotonic() - start)
-        finally:
-            os.close(nonce_r)
-            os.close(result_w)
-        with proc:
-            try:
-                kept, timed_out = _collect(proc, result_r, limits)
-            finally:
-                returncode = _kill(proc, namespaced=bool(_unshare()))
-                os.close(result_r)
-            out, err = (kept[s.fileno()].decode("utf-8", "replace") for s in (proc.stdout, proc.stderr))
-        marker = bytes(kept[result_r])
-        passed = not timed_out and returncode == 0 and marker == _READY + nonce
-        status = ("timeout" if timed_out else "passed" if passed
-                  else "failed" if marker.startswith(_READY) else "error")
-        return ExecutionResult(passed, status, returncode, out, err, time.monotonic() - start)
+            return ExecutionResult(False, "error", None, "", f"cannot create cgroup: {e}", time.monotonic() - start)
+        return _execute(workdir, cgroups, limits, start)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        sandbox_cgroup.remove(cgroups)
+
+
+def _execute(workdir: str, cgroups: list[str], limits: SandboxLimits, start: float) -> ExecutionResult:
+    """Start the bootstrap on ``workdir/program.py``, collect its output and verdict, kill what is left."""
+    nonce = secrets.token_hex(16).encode()
+    nonce_r, nonce_w = os.pipe()
+    os.write(nonce_w, nonce)
+    os.close(nonce_w)
+    result_r, result_w = os.pipe()
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+    try:
+        proc = subprocess.Popen(_command(workdir, result_w, limits, cgroups), stdin=nonce_r,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(result_w,), cwd=workdir,
+                                env=env, start_new_session=True)
+    except OSError as e:
+        os.close(result_r)
+        return ExecutionResult(False, "error", None, "", f"cannot start sandbox: {e}", time.monotonic() - start)
+    finally:
+        os.close(nonce_r)
+        os.close(result_w)
+    with proc:
+        try:
+            kept, timed_out = _collect(proc, result_r, limits)
+        finally:
+            returncode = _kill(proc, namespaced=bool(_unshare()))
+            os.close(result_r)
+        out, err = (kept[s.fileno()].decode("utf-8", "replace") for s in (proc.stdout, proc.stderr))
+    marker = bytes(kept[result_r])
+    passed = not timed_out and returncode == 0 and marker == _READY + nonce
+    status = ("timeout" if timed_out else "passed" if passed
+              else "failed" if marker.startswith(_READY) else "error")
+    return ExecutionResult(passed, status, returncode, out, err, time.monotonic() - start)
 
 
 def check_program(program_and_tests: str, entry_point_call: str | None = None,
