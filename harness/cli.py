@@ -209,10 +209,9 @@ def list_things(what: str = typer.Argument(..., help="tasks | models | suites | 
         for name in registry:
             table.add_row(name, registry.get(name).description)
     elif what == "runs":
-        from harness.run_listing import runs_table
-        from harness.store import Store, default_store_path
+        from harness.run_listing import open_store, runs_table
 
-        table = runs_table(Store(default_store_path(output)))
+        table = runs_table(open_store(output))
     else:
         raise HarnessError(f"cannot list '{what}': choose tasks, models, suites or runs")
     out.print(table)

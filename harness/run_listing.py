@@ -4,6 +4,7 @@ Every value that came from a run is printed as plain text, never as rich markup.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import sys
@@ -48,12 +49,20 @@ def plain(value: Any) -> str:
 
 
 def status(run: dict[str, Any]) -> Text:
-    return Text(run["status"], style=STATUS_STYLES.get(run["status"], ""))
+    """The stored status, except that a ``running`` run whose lock nobody holds (killed) is ``interrupted``."""
+    state = "interrupted" if run["status"] == "running" and abandoned(run) else run["status"]
+    return Text(state, style=STATUS_STYLES.get(state, ""))
 
 
-def document_counts(store: Store) -> dict[str, int]:
-    """{run id: number of records stored}, for the runs that have any."""
-    return dict(store.db.execute("SELECT run_id, COUNT(*) FROM records GROUP BY run_id").fetchall())
+def abandoned(run: dict[str, Any]) -> bool:
+    """True when the run's lock file (``harness.runner.run_lock``) exists and no process holds it."""
+    lock = Path(run["output_dir"] or "") / ".lock"
+    try:
+        with open(lock) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # held by a live run (BlockingIOError), or no lock file (a run from before locks)
+        return False
+    return True
 
 
 def runs_table(store: Store, kind: str | None = None) -> Table:
@@ -62,7 +71,7 @@ def runs_table(store: Store, kind: str | None = None) -> Table:
     for column in ("run", "kind", "date", "model", "model args", "limit", "tasks", "docs", "status"):
         table.add_column(column, justify="right" if column == "docs" else "left",
                          no_wrap=column not in ("model", "model args", "tasks"), overflow="fold")
-    counts = document_counts(store)
+    counts = store.document_counts()
     for run in store.runs(kind):
         config = run["config"]
         tasks = list(store.task_results(run["run_id"])) or config.get("tasks")
@@ -115,7 +124,7 @@ def open_store(output: Path) -> Store:
     path = default_store_path(output)
     if not path.is_file():
         raise HarnessError(f"no results store at {path}: pass the --output folder of the runs")
-    return Store(path)
+    return Store(path, create=False)
 
 
 def show(run: str = typer.Argument(..., help="A run id or a unique prefix"),

@@ -6,14 +6,18 @@ stored are never recomputed. Across runs a record is reused when its ``cache_key
 model fingerprint, seed, task spec, rendered requests and document), so adding a task or raising
 ``--limit`` scores only what is new (``use_cache=False``: ``--no-cache``). Documents are scored and
 stored one batch at a time (the documents whose requests fill one batch), so an interrupted run
-loses at most the batch in flight. Under torchrun/accelerate each rank scores its shard of every
-batch and rank 0 writes the store.
+loses at most the batch in flight. While a run computes it holds ``<output>/<run_id>/.lock``: the
+same run started again meanwhile says so, waits, and then reads the first one's records. Under
+torchrun/accelerate each rank scores its shard of every batch and rank 0 writes the store.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import time
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,7 +31,8 @@ from harness.models.base import (GenerateRequest, InfillRequest, LanguageModel, 
                                  RollingRequest)
 from harness.models.batching import parse_batch_size
 from harness.scoring.metrics import aggregate
-from harness.store import Store, default_store_path, write_json_atomic, write_jsonl_atomic
+from harness.store import (Store, check_writable_folder, default_store_path, write_json_atomic,
+                           write_jsonl_atomic)
 from harness.hashing import sha256_text, stable_hash, to_jsonable
 from harness.tasks.base import Request, Task
 from harness.tasks.prompt_format import PLAIN, PromptFormat
@@ -49,13 +54,18 @@ def evaluate(config: RunConfig | RunPlan, model: LanguageModel | None = None, pr
     """Run (or resume) an evaluation and return the results.json payload (rank 0) or {}.
 
     ``config`` is planned here unless it is a plan already; ``model``: a backend built by the
-    caller (the bench's), used as it is."""
+    caller (the bench's), used as it is. The store is opened and the output folder checked before
+    any weights load; the run's lock is held while it computes."""
     plan = config if isinstance(config, RunPlan) else plan_run(config)
     rank, size = distributed.init()
     tasks = [catalog().task(name, plan.data_dir, plan.task_options.get(name)) for name in plan.tasks]
     for task in tasks:
         task.docs()  # fail on missing data before loading any weights
         check_fewshot(task)
+    check_writable_folder(plan.output, "output folder")
+    store = Store(default_store_path(plan.output))
+    if store.readonly:
+        raise HarnessError(f"store {store.path} is read-only: a run cannot write its records there")
     if model is None:
         from harness.models.factory import build_model
 
@@ -66,23 +76,44 @@ def evaluate(config: RunConfig | RunPlan, model: LanguageModel | None = None, pr
     template = set_prompt_format(tasks, plan.prompt_format, model)
     run_id = f"{slug(plan.model)}-{stable_hash(plan.identity(fingerprint))[:12]}"
     output_dir = plan.output / run_id
-    store = Store(default_store_path(plan.output))
     started = time.time()
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        store.start_run(run_id, model=plan.model, config=plan.recorded(), fingerprint=fingerprint,
-                        env={**environment(), "world_size": size, "batch_size": fingerprint.get("batch_size")},
-                        output_dir=str(output_dir))
-    distributed.barrier()
-    try:
-        reused = {task.name: score_task(task, model, store, run_id, plan, fingerprint, rank, size, progress)
-                  for task in tasks}
-        if rank != 0:
-            return {}
-        results = finalize(store, run_id, tasks, plan, fingerprint, output_dir, template, started)
-    except BaseException as exc:  # the run stays resumable; it is just no longer running
+    with run_lock(output_dir, run_id, rank == 0):
         if rank == 0:
-            store.finish_run(run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            store.start_run(run_id, model=plan.model, config=plan.recorded(), fingerprint=fingerprint,
+                            env={**environment(), "world_size": size, "batch_size": fingerprint.get("batch_size")},
+                            output_dir=str(output_dir))
+        distributed.barrier()
+        return compute(Run(store, run_id, tasks, plan, fingerprint, output_dir, template, started, rank, size),
+                       model, progress)
+
+
+@dataclass
+class Run:
+    """What one evaluation computes with: its store, id, tasks, plan and the process's rank."""
+    store: Store
+    run_id: str
+    tasks: list[Task]
+    plan: RunPlan
+    fingerprint: dict[str, Any]
+    output_dir: Path
+    template: str | None
+    started: float
+    rank: int
+    size: int
+
+
+def compute(run: Run, model: LanguageModel, progress) -> dict[str, Any]:
+    """Score every task, then aggregate; a run that stops early is marked interrupted or failed."""
+    store, run_id, tasks, plan = run.store, run.run_id, run.tasks, run.plan
+    try:
+        reused = {task.name: score_task(task, model, store, run_id, plan, run.fingerprint, run.rank, run.size,
+                                        progress) for task in tasks}
+        if run.rank != 0:
+            return {}
+        results = finalize(store, run_id, tasks, plan, run.fingerprint, run.output_dir, run.template, run.started)
+    except BaseException as exc:  # the run stays resumable; it is just no longer running
+        if run.rank == 0:
+            mark_stopped(store, run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
             stored = sum(len(store.done_docs(run_id, task.name)) for task in tasks)
             total = sum(len(task.selected_docs(plan.limit)) for task in tasks)
@@ -92,6 +123,38 @@ def evaluate(config: RunConfig | RunPlan, model: LanguageModel | None = None, pr
     results["harness"]["cached_records"] = {name: counts["cached"] for name, counts in reused.items()}
     store.finish_run(run_id)
     return results
+
+
+def mark_stopped(store: Store, run_id: str, status: str) -> None:
+    """Mark the run stopped when the store can still be written (not on a full disk)."""
+    try:
+        store.finish_run(run_id, status)
+    except HarnessError:
+        pass
+
+
+@contextmanager
+def run_lock(folder: Path, run_id: str, enabled: bool = True) -> Iterator[None]:
+    """Hold ``folder/.lock`` while the run computes: the same run started again meanwhile says so,
+    waits, then resumes from the first one's records (the lock goes with its holder, even on SIGKILL)."""
+    if not enabled:
+        yield
+        return
+    check_writable_folder(folder, "run folder")
+    with open(folder / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip()
+            holder = f"pid {pid}" if pid else "another process"
+            console.print(f"run {run_id} is being computed by {holder}; waiting", highlight=False)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            console.print(f"run {run_id}: {holder} is done; reading its records", highlight=False)
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
 
 
 def check_fewshot(task: Task) -> None:

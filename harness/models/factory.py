@@ -58,8 +58,10 @@ def resolve_card(name_or_path: str) -> ModelCard:
         if released_dlm(path):
             return ModelCard(name=path.name, backend="diffusion", weights={"path": str(path)})
         return ModelCard(name=path.name, backend="hf_ar", weights={"path": str(path)})
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
         return ModelCard(name=name_or_path, backend="hf_ar", weights={"hub": name_or_path})
+    if name_or_path.startswith((".", "/", "~")) or "/" in name_or_path or "\\" in name_or_path:
+        raise HarnessError(f"model path '{name_or_path}' does not exist (and is no model card name or hub id)")
     raise unknown_name("model", name_or_path, models.names())
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
@@ -19,7 +20,7 @@ from harness.report.plots import have_matplotlib
 from harness.report.reference import (facts_table, known_parents, load_papers, references, reproduction,
                                       unreachable_table)
 from harness.report.training import training_sections
-from harness.store import Store, default_store_path
+from harness.store import Store, check_writable_folder, default_store_path
 
 STORE_HELP = "The results store (default: OUTPUT/store.sqlite or $HARNESS_STORE)."
 
@@ -28,12 +29,24 @@ def open_store(store: Path | None, output: Path) -> Store:
     path = store or default_store_path(output)
     if not path.is_file():
         raise HarnessError(f"no results store at {path}: run `harness run` first, or pass --store/--output")
-    return Store(path)
+    return Store(path, create=False)
 
 
 def check_out(out: Path) -> None:
+    """``--out`` is a folder that can be written (created here), before anything is read."""
     if out.exists() and not out.is_dir():
         raise HarnessError(f"--out '{out}' is a file, not a directory")
+    check_writable_folder(out, "--out folder", create=False)
+
+
+@contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Create ``out`` and write under it: an OSError (disk full, read-only) is one line, not a traceback."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as exc:
+        raise HarnessError(f"could not write the report under {out} ({exc.strerror or exc})") from None
 
 
 def footer(store: Store) -> str:
@@ -141,14 +154,14 @@ def report(
     from harness.report.html import write_html
     from harness.report.markdown import write_markdown
 
-    check_out(out)
     db = open_store(store, output)
+    check_out(out)
     selected = select_runs(db, runs or [], all_runs)
     sections = build_sections(db, selected)
-    out.mkdir(parents=True, exist_ok=True)
     title, subtitle = "DLM vs AR benchmark report", f"{len(selected)} run(s) from {db.path}"
-    write_markdown(out / "index.md", title, sections, subtitle=subtitle, footer=footer(db))
-    write_html(out / "index.html", title, sections, subtitle=subtitle, footer=footer(db))
+    with writing(out):
+        write_markdown(out / "index.md", title, sections, subtitle=subtitle, footer=footer(db))
+        write_html(out / "index.html", title, sections, subtitle=subtitle, footer=footer(db))
     typer.echo(f"wrote {out / 'index.md'} and {out / 'index.html'}")
 
 
@@ -161,18 +174,18 @@ def leaderboard(
     from harness.report.html import write_html
     from harness.report.markdown import write_markdown
 
-    check_out(out)
     db = open_store(store, output)
+    check_out(out)
     runs = select_runs(db, [], True)
     sections = build_sections(db, runs, link_runs=True)
-    out.mkdir(parents=True, exist_ok=True)
     subtitle = f"{len(runs)} run(s) from {db.path}"
-    write_html(out / "index.html", "DLM vs AR leaderboard", sections, subtitle=subtitle, footer=footer(db))
-    write_markdown(out / "index.md", "DLM vs AR leaderboard", sections, subtitle=subtitle, footer=footer(db))
-    for run in runs:
-        write_html(out / "runs" / f"{run['run_id']}.html", f"Run {run['run_id']}", run_sections(db, run),
-                   subtitle=f"{model_name(run)} · {run['kind']} · {run['status']}", footer=footer(db),
-                   nav=[("← Leaderboard", "../index.html")])
+    with writing(out):
+        write_html(out / "index.html", "DLM vs AR leaderboard", sections, subtitle=subtitle, footer=footer(db))
+        write_markdown(out / "index.md", "DLM vs AR leaderboard", sections, subtitle=subtitle, footer=footer(db))
+        for run in runs:
+            write_html(out / "runs" / f"{run['run_id']}.html", f"Run {run['run_id']}", run_sections(db, run),
+                       subtitle=f"{model_name(run)} · {run['kind']} · {run['status']}", footer=footer(db),
+                       nav=[("← Leaderboard", "../index.html")])
     typer.echo(f"wrote {out / 'index.html'} and {len(runs)} run page(s) under {out / 'runs'}")
 
 

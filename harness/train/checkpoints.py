@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from harness.store import pause_point
+
 DIFFUSION_CONFIG, TRAINER_STATE = "diffusion_config.json", "trainer_state.pt"
 TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 
@@ -38,6 +40,8 @@ def remove_dir(path: Path) -> None:
 
 
 def publish(tmp: Path, target: Path) -> None:
+    """Rename the filled ``tmp`` to ``target`` (a kill before the rename leaves only a .tmp- folder)."""
+    pause_point("checkpoint")
     if target.exists():
         remove_dir(target)
     os.replace(tmp, target)

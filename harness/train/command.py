@@ -9,6 +9,7 @@ from rich.console import Console
 
 from harness.errors import HarnessError, unknown_name
 from harness.models.loading import resolve_weights
+from harness.store import check_writable_folder
 from harness.train.config import PRECISIONS, PRESETS, SCHEDULES, build_config
 
 # Until the model registry takes over: card name -> weights source.
@@ -91,6 +92,7 @@ def adapt(
             stratified_t=stratified_t, precision=precision, seed=seed, max_tokens=max_tokens, max_examples=max_examples,
             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, log_every=log_every,
             resume=resume, overwrite=overwrite)
+        check_writable_folder(Path(output), "--out folder", create=False)
         run(config, resolve_base(base))
     except HarnessError as exc:
         Console(stderr=True).print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
