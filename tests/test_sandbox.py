@@ -215,14 +215,30 @@ def test_network_flag_keeps_the_host_network():
         assert r.passed, r
 
 
-@pytest.fixture
-def outside_dir():
-    """A world-writable directory with a world-writable file and a root-only secret, outside the sandbox.
+def visible_parent() -> Path:
+    """A writable folder the confined sandbox still sees: not under the folders it masks with an empty
+    tmpfs (/tmp, /run, ...: a clone may live there) and reachable by anyone along its whole path."""
+    from harness.scoring.sandbox_bootstrap import MASKED
 
-    It is not under /tmp (which the confined sandbox sees empty) but in the git-ignored pytest cache.
-    """
+    def visible(path: Path) -> bool:
+        real = Path(os.path.realpath(path))
+        if any(real == Path(m) or Path(m) in real.parents for m in map(os.path.realpath, MASKED)):
+            return False
+        return all(os.stat(p).st_mode & stat.S_IXOTH for p in [real, *real.parents])
+
     cache = Path(__file__).resolve().parents[1] / ".pytest_cache"
     cache.mkdir(exist_ok=True)
+    for folder in (cache, Path("/var/lib"), Path("/srv"), Path("/opt"), Path("/mnt")):
+        if folder.is_dir() and os.access(folder, os.W_OK) and visible(folder):
+            return folder
+    pytest.skip("no writable folder outside the sandbox's masked folders")
+
+
+@pytest.fixture
+def outside_dir():
+    """A world-writable directory with a world-writable file and a root-only secret, outside the sandbox
+    and visible from it (see ``visible_parent``)."""
+    cache = visible_parent()
     path = Path(tempfile.mkdtemp(prefix="sandbox-outside-", dir=cache))
     path.chmod(0o777)
     (path / "keep.txt").write_text("original")
