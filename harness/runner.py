@@ -13,6 +13,7 @@ torchrun/accelerate each rank scores its shard of every batch and rank 0 writes 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import time
@@ -106,11 +107,10 @@ def compute(run: Run, model: LanguageModel, progress) -> dict[str, Any]:
     """Score every task, then aggregate; a run that stops early is marked interrupted or failed."""
     store, run_id, tasks, plan = run.store, run.run_id, run.tasks, run.plan
     try:
-        reused = {task.name: score_task(task, model, store, run_id, plan, run.fingerprint, run.rank, run.size,
-                                        progress) for task in tasks}
+        reused = {task.name: score_task(run, task, model, progress) for task in tasks}
         if run.rank != 0:
             return {}
-        results = finalize(store, run_id, tasks, plan, run.fingerprint, run.output_dir, run.template, run.started)
+        results = finalize(run)
     except BaseException as exc:  # the run stays resumable; it is just no longer running
         if run.rank == 0:
             mark_stopped(store, run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
@@ -187,15 +187,15 @@ def cache_key(fingerprint: dict[str, Any], seed: int, task: Task, doc: dict[str,
                         "requests": Task.prompt_hash(requests), "doc": stable_hash(doc)})
 
 
-def score_task(task: Task, model: LanguageModel, store: Store, run_id: str, plan: RunPlan, fingerprint: dict,
-               rank: int, size: int, progress) -> dict[str, int]:
+def score_task(run: Run, task: Task, model: LanguageModel, progress) -> dict[str, int]:
     """Score the task's documents not yet stored, one batch at a time; returns how many were stored
     by this run already (``resumed``) and how many were reused from other runs (``cached``)."""
+    store, run_id, plan, rank, size = run.store, run.run_id, run.plan, run.rank, run.size
     docs = task.selected_docs(plan.limit)
     done = store.done_docs(run_id, task.name)
     pending = [doc for doc in docs if doc["id"] not in done]
     requests = {doc["id"]: task.requests(doc) for doc in pending}
-    keys = {doc["id"]: cache_key(fingerprint, plan.seed, task, doc, requests[doc["id"]]) for doc in pending}
+    keys = {doc["id"]: cache_key(run.fingerprint, plan.seed, task, doc, requests[doc["id"]]) for doc in pending}
     hits = store.cached(list(keys.values())) if plan.use_cache and pending else {}
     reused = [doc for doc in pending if keys[doc["id"]] in hits]
     if reused and rank == 0:
@@ -261,8 +261,6 @@ def answer(task: Task, model: LanguageModel, docs: list[dict[str, Any]],
 def sample_hashes(doc: dict[str, Any], requests: list[Request], target: Any) -> dict[str, str]:
     """lm-eval's sample hashes (sha256 of the document as indented JSON, of the first request's
     context, of ``str(target)``) and the harness's hash of all rendered requests."""
-    import json
-
     first = requests[0]
     context = first.prefix if isinstance(first, InfillRequest) else first.text if isinstance(first, RollingRequest) \
         else first.context
@@ -271,11 +269,12 @@ def sample_hashes(doc: dict[str, Any], requests: list[Request], target: Any) -> 
             "requests_hash": Task.prompt_hash(requests)}
 
 
-def finalize(store: Store, run_id: str, tasks: list[Task], plan: RunPlan, fingerprint: dict, output_dir: Path,
-             template: str | None, started: float) -> dict[str, Any]:
+def finalize(run: Run) -> dict[str, Any]:
     """Aggregate the stored records by the tasks' metric specs, store the aggregates with the specs,
     and write results.json (lm-eval's fields, the full specs under ``harness``) and
     samples_<task>.jsonl."""
+    store, run_id, tasks, plan, fingerprint = run.store, run.run_id, run.tasks, run.plan, run.fingerprint
+    output_dir, template, started = run.output_dir, run.template, run.started
     payload: dict[str, Any] = {"results": {}, "group_subtasks": {}, "configs": {}, "versions": {}, "n-shot": {},
                                "higher_is_better": {}, "n-samples": {}}
     specs: dict[str, list[dict[str, Any]]] = {}
@@ -299,7 +298,7 @@ def finalize(store: Store, run_id: str, tasks: list[Task], plan: RunPlan, finger
         payload["n-samples"][task.name] = {"original": len(task.docs()), "effective": len(docs)}
         task_hashes[task.name] = prompt_hash
         write_jsonl_atomic(output_dir / f"samples_{task.name}.jsonl", [r for _, _, r in records])
-    run = store.run(run_id)
+    env = store.run(run_id)["env"]
     ended = time.time()
     prompt_format = plan.prompt_format
     payload.update({
@@ -308,7 +307,7 @@ def finalize(store: Store, run_id: str, tasks: list[Task], plan: RunPlan, finger
                    "use_cache": str(store.path) if plan.use_cache else None, "limit": plan.limit,
                    "bootstrap_iters": 0, "gen_kwargs": None, "random_seed": plan.seed, "numpy_seed": plan.seed,
                    "torch_seed": plan.seed, "fewshot_seed": 1234, "model_fingerprint": fingerprint},
-        "git_hash": run["env"].get("git_sha"), "date": started,
+        "git_hash": env.get("git_sha"), "date": started,
         "task_hashes": task_hashes, "model_source": fingerprint.get("backend"), "model_name": plan.model,
         "model_name_sanitized": slug(plan.model),
         "system_instruction": prompt_format.system_instruction,
@@ -316,7 +315,7 @@ def finalize(store: Store, run_id: str, tasks: list[Task], plan: RunPlan, finger
         "fewshot_as_multiturn": prompt_format.fewshot_as_multiturn,
         "chat_template": template, "chat_template_sha": sha256_text(template) if template else None,
         "start_time": started, "end_time": ended, "total_evaluation_time_seconds": str(ended - started),
-        "harness": {"run_id": run_id, "store": str(store.path), "env": run["env"], "metric_specs": specs,
+        "harness": {"run_id": run_id, "store": str(store.path), "env": env, "metric_specs": specs,
                     "prompt_format": prompt_format.recorded()},
     })
     write_json_atomic(output_dir / "results.json", payload)

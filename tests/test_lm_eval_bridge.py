@@ -4,34 +4,18 @@ import subprocess
 import sys
 
 import pytest
+from lm_eval_local import write_local_mc
 
 pytest.importorskip("lm_eval")
 
 from harness.models.base import GenerateRequest, LoglikelihoodRequest  # noqa: E402
 from harness.models.factory import build_model  # noqa: E402
 
-DOCS = [{"question": "How do I boil an egg?", "choices": ["Put it in boiling water.", "Throw it."], "label": 0},
-        {"question": "What is two plus two?", "choices": ["Four.", "Five."], "label": 0},
-        {"question": "Where do fish live?", "choices": ["In trees.", "In water."], "label": 1}]
 
 
 @pytest.fixture()
 def local_task(tmp_path):
-    data = tmp_path / "docs.jsonl"
-    data.write_text("\n".join(json.dumps(d) for d in DOCS))
-    (tmp_path / "local_mc.yaml").write_text(f"""task: local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-""")
+    write_local_mc(tmp_path, tmp_path / "docs.jsonl")
     return tmp_path
 
 

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from lm_eval_local import write_local_mc
 
 pytest.importorskip("lm_eval")
 
@@ -14,9 +15,6 @@ from harness.lm_eval_import import import_results, results_files  # noqa: E402
 from harness.store import Store  # noqa: E402
 
 LIMIT = 3
-DOCS = [{"question": "How do I boil an egg?", "choices": ["Put it in boiling water.", "Throw it."], "label": 0},
-        {"question": "What is two plus two?", "choices": ["Four.", "Five."], "label": 0},
-        {"question": "Where do fish live?", "choices": ["In trees.", "In water."], "label": 1}]
 # lm-eval key -> the harness's name, per task
 NAMES = {"triviaqa": {"exact_match,remove_whitespace": "exact_match",
                       "exact_match_stderr,remove_whitespace": "exact_match_stderr"},
@@ -37,23 +35,8 @@ def lm_eval_output(tmp_path_factory, tiny_llama_dir, data_dir):
     from harness.lm_eval_tasks import task_folder
 
     root = tmp_path_factory.mktemp("lm-eval")
-    (root / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in DOCS))
     (root / "tasks").mkdir()
-    (root / "tasks" / "local_mc.yaml").write_text(f"""task: local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {root / "docs.jsonl"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-""")
+    write_local_mc(root / "tasks", root / "docs.jsonl")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HARNESS_CACHE_DIR", str(root / "cache"))
         manager = TaskManager(include_path=[str(task_folder(data_dir)), str(root / "tasks")])

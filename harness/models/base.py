@@ -103,18 +103,19 @@ class LanguageModel(ABC):
             raise HarnessError(f"--apply_chat_template {name}: the tokenizer of '{self.name}' has one unnamed template")
         return templates
 
-    def render_chat(self, messages: list[dict[str, str]], template: str = "default") -> str:
-        """``messages`` rendered by the chat template, with the generation prompt (lm-eval's
-        ``apply_chat_template``: a template that rejects the system role is retried without it)."""
+    def render_chat(self, messages: list[dict[str, str]], template: str = "default",
+                    add_generation_prompt: bool = True) -> str:
+        """``messages`` rendered by the chat template, with the generation prompt, or else with the
+        last (assistant) message left open (lm-eval's ``apply_chat_template``: a template that rejects
+        the system role is retried without it)."""
         import jinja2
 
-        text = self.chat_template(template)
+        options = dict(chat_template=self.chat_template(template), tokenize=False,
+                       add_generation_prompt=add_generation_prompt, continue_final_message=not add_generation_prompt)
         try:
-            return self.tokenizer.apply_chat_template(messages, chat_template=text, tokenize=False,
-                                                      add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, **options)
         except jinja2.exceptions.TemplateError:
-            return self.tokenizer.apply_chat_template([m for m in messages if m["role"] != "system"],
-                                                      chat_template=text, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template([m for m in messages if m["role"] != "system"], **options)
 
     @property
     @abstractmethod

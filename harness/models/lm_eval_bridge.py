@@ -23,11 +23,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from harness.errors import HarnessError
-from harness.models.base import GenerateRequest, LanguageModel, LoglikelihoodRequest, RollingRequest
+from harness.models.base import GenerateRequest, LoglikelihoodRequest, RollingRequest
 from harness.models.factory import build_model
+from harness.tasks.generation import GEN_KWARG_KEYS
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF backend's default budget
-GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")
+GEN_KWARGS = GEN_KWARG_KEYS  # lm-eval's names, as ``--gen_kwargs`` takes them
 
 
 def default_device() -> str:
@@ -69,22 +70,6 @@ def generate_request(context: str, gen_kwargs: dict[str, Any], can_sample: bool)
         if gen_kwargs.get("top_p") is not None:
             sampler["top_p"] = float(gen_kwargs["top_p"])
     return GenerateRequest(context, budget, until, gen_kwargs=sampler)
-
-
-def continue_chat(model: LanguageModel, messages: list[dict[str, str]], template: str) -> str:
-    """``messages`` rendered by the chat template with the last (assistant) message left open, as
-    lm-eval's HF backend renders a generation prefix (a template that rejects the system role is
-    retried without it)."""
-    import jinja2
-
-    text = model.chat_template(template)
-    try:
-        return model.tokenizer.apply_chat_template(messages, chat_template=text, tokenize=False,
-                                                   add_generation_prompt=False, continue_final_message=True)
-    except jinja2.exceptions.TemplateError:
-        return model.tokenizer.apply_chat_template([m for m in messages if m["role"] != "system"],
-                                                   chat_template=text, tokenize=False,
-                                                   add_generation_prompt=False, continue_final_message=True)
 
 
 @register_model("harness")
@@ -134,9 +119,7 @@ class HarnessLM(LM):
         return text
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        if add_generation_prompt:
-            return self.scorer.render_chat(chat_history, self.template)
-        return continue_chat(self.scorer, chat_history, self.template)
+        return self.scorer.render_chat(chat_history, self.template, add_generation_prompt)
 
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in lm-eval's results config: what produced the numbers."""

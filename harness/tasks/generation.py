@@ -41,7 +41,7 @@ from harness.tasks.data import hub_rows
 from harness.tasks.likelihood import read_jsonl
 
 LENGTH_PROTOCOLS = ("fixed", "oracle", "chars")
-GEN_KWARG_KEYS = ("max_gen_toks", "until", "do_sample", "temperature", "top_p")
+GEN_KWARG_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")
 
 
 class GenerationTask(Task):
