@@ -1,4 +1,4 @@
-"""`harness` command line: run | ls | show | rm | validate | adapt | bench | report | compare | leaderboard."""
+"""`harness` command line: run | ls | show | rm | validate | adapt | bench | serve | report | compare | leaderboard."""
 from __future__ import annotations
 
 import sys
@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -55,7 +56,8 @@ def split_names(text: str | None) -> list[str]:
 
 @app.command()
 def run(
-    model: str = typer.Option(..., "--model", help="Model card name, checkpoint directory or hub id."),
+    model: str = typer.Option(..., "--model", help="Model card name, checkpoint directory, hub id, or "
+                              "openai:URL (a served model)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated task and suite names."),
     suite: Optional[str] = typer.Option(None, "--suite", help="A suite (harness ls suites); adds its tasks."),
     limit: Optional[str] = typer.Option(None, "--limit", help="Documents per task: a count, or a fraction below 1."),
@@ -268,6 +270,7 @@ def register_optional_commands() -> None:
                          ("leaderboard", "harness.report.commands:leaderboard"),
                          ("compare", "harness.report.commands:compare"),
                          ("bench", "harness.perf.command:bench"),
+                         ("serve", "harness.serving.serve_command:serve"),
                          ("lm-eval-tasks", "harness.lm_eval_tasks:lm_eval_tasks"),
                          ("import-lm-eval", "harness.lm_eval_import:import_lm_eval")):
         try:
@@ -281,11 +284,11 @@ def main() -> None:
     try:
         app(args=optional_values(sys.argv[1:]))
     except HarnessError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt as exc:
         message = str(exc) or "interrupted: everything scored so far is stored; run the same command to resume"
-        console.print(f"[yellow]{message}[/]", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)
         sys.exit(130)
 
 

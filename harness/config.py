@@ -17,6 +17,8 @@ import yaml
 from harness.errors import HarnessError
 
 FAMILIES = ("ar", "diffusion", "diffusion_gemma")
+SUITE_KINDS = ("eval", "throughput", "serving")
+BACKENDS = ("hf_ar", "diffusion", "diffusion_gemma", "endpoint")
 # the package's own YAML tree: the same layout as an include directory (see harness.catalog), plus papers/
 RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
 TASKS_DIR = RESOURCES_DIR / "tasks"
@@ -41,8 +43,8 @@ class DiffusionSpec:
 @dataclass(frozen=True)
 class ModelCard:
     name: str
-    backend: str  # hf_ar | diffusion | diffusion_gemma
-    weights: dict[str, Any]
+    backend: str  # hf_ar | diffusion | diffusion_gemma | endpoint
+    weights: dict[str, Any] = field(default_factory=dict)  # none for an endpoint (its defaults name the URL)
     description: str = ""
     dtype: str = "float32"
     parameters: int | None = None
@@ -70,9 +72,9 @@ class SuiteSpec:
     limit: int | None = None
     # backend arguments by model family: {"ar": {...}, "diffusion": {...}}
     model_args: dict[str, Any] = field(default_factory=dict)
-    kind: str = "eval"  # eval | throughput
+    kind: str = "eval"  # eval | throughput | serving
     # eval suites: per-task options {task: {option: value, ar: {...}, diffusion: {...}}} (the family
-    # keys hold options for that model family only); throughput suites: the sweep
+    # keys hold options for that model family only); throughput and serving suites: the sweep
     options: dict[str, Any] = field(default_factory=dict)
     # seeds to run the suite with, one run each (the paper protocols sample); empty: the run's seed
     seeds: tuple[int, ...] = ()
@@ -125,8 +127,10 @@ def load_model_card(path: Path) -> ModelCard:
     if isinstance(data.get("diffusion"), dict):
         data["diffusion"] = _diffusion_spec(data["diffusion"], path)
     card = build(ModelCard, data, path)
-    if card.backend not in ("hf_ar", "diffusion", "diffusion_gemma"):
-        raise HarnessError(f"{path}: backend must be hf_ar, diffusion or diffusion_gemma, not '{card.backend}'")
+    if card.backend not in BACKENDS:
+        raise HarnessError(f"{path}: backend must be one of {', '.join(BACKENDS)}, not '{card.backend}'")
+    if not card.weights and card.backend != "endpoint":
+        raise HarnessError(f"{path}: a {card.backend} model card needs weights")
     if card.backend == "diffusion" and (card.diffusion is None or card.diffusion.mask_id is None):
         raise HarnessError(f"{path}: a diffusion model card needs diffusion.mask_id")
     return card
@@ -158,6 +162,8 @@ def load_suite_spec(path: Path) -> SuiteSpec:
     families = set(suite.model_args) - set(FAMILIES)
     if families:
         raise HarnessError(f"{path}: model_args takes the families 'ar' and 'diffusion', not {sorted(families)}")
+    if suite.kind not in SUITE_KINDS:
+        raise HarnessError(f"{path}: kind must be one of {', '.join(SUITE_KINDS)}, not '{suite.kind}'")
     if suite.kind == "eval":
         strays = sorted(set(suite.options) - set(suite.tasks))
         if strays:

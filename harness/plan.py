@@ -14,7 +14,7 @@ from typing import Any
 
 from harness.config import ModelCard, SuiteSpec
 from harness.errors import HarnessError
-from harness.models.settings import ARSettings, DiffusionGemmaSettings, DiffusionSettings, settings_for
+from harness.models.settings import TRANSPORT_ARGS, Settings, settings_for
 from harness.tasks.prompt_format import PLAIN, PromptFormat
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -52,7 +52,7 @@ class RunPlan:
     model: str
     card: ModelCard
     family: str  # ar | diffusion | diffusion_gemma (the key of a suite's model_args)
-    settings: DiffusionSettings | ARSettings | DiffusionGemmaSettings
+    settings: Settings
     model_args: dict[str, Any]
     tasks: tuple[str, ...]
     task_options: dict[str, dict[str, Any]]
@@ -70,7 +70,8 @@ class RunPlan:
     def identity(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
         """What determines a run's numbers; its hash is the run id."""
         identity = {"model": self.model, "fingerprint": stable_fingerprint(fingerprint), "tasks": list(self.tasks),
-                    "limit": self.limit, "seed": self.seed, "model_args": self.model_args,
+                    "limit": self.limit, "seed": self.seed,
+                    "model_args": {k: v for k, v in self.model_args.items() if k not in TRANSPORT_ARGS},
                     "task_options": self.task_options}
         if self.prompt_format != PLAIN:  # runs from before prompt formats keep their ids
             identity["prompt_format"] = self.prompt_format.recorded()
@@ -100,7 +101,7 @@ def plan_run(config: RunConfig, card: ModelCard | None = None, *, require_tasks:
     check_limit(config.limit)
     check_output_dir(config.output)
     card = card or resolve_card(config.model)
-    family = card.backend if card.backend in ("diffusion", "diffusion_gemma") else "ar"
+    family = model_family(card, config.model_args)
     suite_name, tasks = split_suites(config.suite, config.tasks)
     suite = catalog().suites.get(suite_name) if suite_name else None
     names = list(dict.fromkeys([*(suite.tasks if suite else []), *tasks]))
@@ -112,18 +113,21 @@ def plan_run(config: RunConfig, card: ModelCard | None = None, *, require_tasks:
         from harness.models.diffusion_gemma import check_tasks
 
         check_tasks(names)  # no likelihoods: refused before any weights load
-    model_args = {**(suite.model_args.get(family, {}) if suite else {}), **config.model_args}
+    served = card.backend == "endpoint"  # a suite's backend arguments are the local backends'
+    model_args = {**(suite.model_args.get(family, {}) if suite and not served else {}), **config.model_args}
     if config.chat_template and card.backend == "diffusion_gemma":
         model_args["chat_template"] = False  # the task renders the chat; the backend must not wrap it again
     settings = settings_for(card.backend, {**card_model_args(card), **model_args})
     parse_batch_size(config.batch_size)
-    options = task_options(names, suite, family, run_wide_options(config, names, family), config.task_options)
+    options = task_options(names, suite, family, run_wide_options(config, names, family, greedy=not served),
+                           config.task_options)
     prompt_format = PromptFormat(config.chat_template, config.system_instruction or None, config.fewshot_as_multiturn)
     return RunPlan(model=config.model, card=card, family=family, settings=settings, model_args=model_args,
                    tasks=tuple(names), task_options=options, suite=suite_name,
                    limit=config.limit if config.limit is not None else (suite.limit if suite else None),
                    seed=config.seed, batch_size=config.batch_size, device=check_device(config.device),
-                   dtype=check_dtype(config.dtype or card.dtype), data_dir=config.data_dir, output=config.output,
+                   dtype=served_dtype(config.dtype) if served else check_dtype(config.dtype or card.dtype),
+                   data_dir=config.data_dir, output=config.output,
                    prompt_format=prompt_format, use_cache=config.use_cache)
 
 
@@ -140,11 +144,19 @@ def split_suites(suite: str | None, names: list[str]) -> tuple[str | None, list[
     return (chosen[0] if chosen else None), [name for name in names if name not in named]
 
 
-def run_wide_options(config: RunConfig, names: list[str], family: str) -> dict[str, dict[str, Any]]:
-    """``--num_fewshot`` (every task) and ``--gen_kwargs`` (every generation task) as task options."""
+def model_family(card: ModelCard, model_args: dict[str, Any]) -> str:
+    """ar | diffusion | diffusion_gemma: the card's backend, or what a served model runs."""
+    if card.backend == "endpoint":
+        return str(model_args.get("family") or card.defaults.get("family") or "ar")
+    return card.backend if card.backend in ("diffusion", "diffusion_gemma") else "ar"
+
+
+def run_wide_options(config: RunConfig, names: list[str], family: str, greedy: bool = True) -> dict[str, dict[str, Any]]:
+    """``--num_fewshot`` (every task) and ``--gen_kwargs`` (every generation task) as task options;
+    ``greedy``: the backend decodes greedily (the local AR backend), so sampling is refused."""
     from harness.catalog import catalog
 
-    if family == "ar" and (config.gen_kwargs.get("do_sample") or config.gen_kwargs.get("temperature")
+    if family == "ar" and greedy and (config.gen_kwargs.get("do_sample") or config.gen_kwargs.get("temperature")
                            or config.gen_kwargs.get("top_p", 1.0) != 1.0):
         raise HarnessError("--gen_kwargs: the AR backend decodes greedily (temperature 0, do_sample false)")
     options: dict[str, dict[str, Any]] = {}
@@ -183,6 +195,13 @@ def check_limit(limit: int | float | None) -> None:
 def check_output_dir(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise HarnessError(f"output path '{output}' is a file, not a directory")
+
+
+def served_dtype(dtype: str | None) -> str:
+    """A served model's weights are in whatever dtype the server loaded them: ``served``."""
+    if dtype is not None:
+        raise HarnessError("--dtype: a served model runs in the server's dtype (set it where the server starts)")
+    return "served"
 
 
 def check_dtype(dtype: str) -> str:

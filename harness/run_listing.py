@@ -127,6 +127,9 @@ def open_store(output: Path) -> Store:
     return Store(path, create=False)
 
 
+MEASURED_KINDS = ("throughput", "serving")  # runs that hold measurements, not task results
+
+
 def show(run: str = typer.Argument(..., help="A run id or a unique prefix"),
          output: Path = typer.Option(Path("runs"), "--output_path", "--output", help=OUTPUT_HELP)) -> None:
     """Print one run: its settings, model fingerprint, environment and results."""
@@ -135,7 +138,7 @@ def show(run: str = typer.Argument(..., help="A run id or a unique prefix"),
     run_id, config, kind = record["run_id"], record["config"], record["kind"]
     about = [("status", status(record)), ("kind", kind), ("created", date(record["created_at"])),
              ("updated", date(record["updated_at"])), ("model", record["model"]), ("output", record["output_dir"])]
-    if kind == "throughput":
+    if kind in MEASURED_KINDS:
         about.append(("measurements", len(store.measurements(run_id))))
     sections = [fields(f"run {run_id}", about),
                 fields("settings", [(label, config[key]) for key, label in SETTINGS if key in config]),
@@ -144,7 +147,7 @@ def show(run: str = typer.Argument(..., help="A run id or a unique prefix"),
     results = store.task_results(run_id)
     if results:
         sections.append(results_table(results))
-    elif kind != "throughput":
+    elif kind not in MEASURED_KINDS:
         sections.append(Text("no task results stored"))
     for index, section in enumerate(sections):
         if index:

@@ -75,7 +75,8 @@ def evaluate(config: RunConfig | RunPlan, model: LanguageModel | None = None, pr
     model.seed = plan.seed
     fingerprint = model.fingerprint
     template = set_prompt_format(tasks, plan.prompt_format, model)
-    run_id = f"{slug(plan.model)}-{stable_hash(plan.identity(fingerprint))[:12]}"
+    name = f"{fingerprint['name']}-{fingerprint['engine']}" if fingerprint.get("served") else plan.model
+    run_id = f"{slug(name)}-{stable_hash(plan.identity(fingerprint))[:12]}"
     output_dir = plan.output / run_id
     started = time.time()
     with run_lock(output_dir, run_id, rank == 0):

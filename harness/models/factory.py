@@ -7,9 +7,10 @@ from typing import Any
 from harness.config import DiffusionSpec, ModelCard
 from harness.errors import HarnessError, unknown_name
 from harness.models.base import LanguageModel
-from harness.models.settings import ARSettings, DiffusionGemmaSettings, DiffusionSettings, settings_for
+from harness.models.settings import Settings, settings_for
 
 DIFFUSION_CONFIG = "diffusion_config.json"
+ENDPOINT_PREFIX = "openai:"
 
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
@@ -42,6 +43,8 @@ def resolve_card(name_or_path: str) -> ModelCard:
     models = catalog().models
     if name_or_path in models:
         return models.get(name_or_path)
+    if name_or_path.startswith(ENDPOINT_PREFIX):
+        return endpoint_card(name_or_path[len(ENDPOINT_PREFIX):])
     path = Path(name_or_path).expanduser()
     if path.exists():
         if (path / DIFFUSION_CONFIG).exists():
@@ -65,6 +68,14 @@ def resolve_card(name_or_path: str) -> ModelCard:
     raise unknown_name("model", name_or_path, models.names())
 
 
+def endpoint_card(url: str) -> ModelCard:
+    """An ad-hoc card for ``--model openai:URL``: the URL is its ``base_url`` argument."""
+    from harness.serving.client import check_base_url
+
+    url = check_base_url(url)
+    return ModelCard(name=f"openai:{url}", backend="endpoint", defaults={"base_url": url})
+
+
 def released_dlm(path: Path) -> bool:
     """True for a local checkpoint in a released DLM layout (``formats.detect_format`` knows it)."""
     from harness.models.diffusion.formats import detect_format
@@ -78,13 +89,17 @@ def released_dlm(path: Path) -> bool:
 
 def build_model(model: str | ModelCard, *, device: str = "cpu", dtype: str | None = None,
                 batch_size: int | str = 16, model_args: dict[str, Any] | None = None,
-                settings: DiffusionSettings | ARSettings | DiffusionGemmaSettings | None = None) -> LanguageModel:
+                settings: Settings | None = None) -> LanguageModel:
     """A scorer for a card (or a name, resolved here). ``settings``: already parsed model arguments
     (a run plan's); otherwise the card's defaults and ``model_args`` are parsed."""
     card = resolve_card(model) if isinstance(model, str) else model
     if settings is None:
         settings = settings_for(card.backend, {**card_model_args(card), **(model_args or {})})
     dtype = dtype or card.dtype
+    if card.backend == "endpoint":
+        from harness.models.endpoint import EndpointLM
+
+        return EndpointLM(settings, batch_size=batch_size)
     if card.backend == "hf_ar":
         from harness.models.hf_ar import HFCausalLM
         from harness.models.loading import load_causal_lm, resolve_weights

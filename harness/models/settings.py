@@ -208,6 +208,50 @@ class DiffusionGemmaSettings:
             raise HarnessError(f"t_max must be > t_min, not {self.t_max!r} <= {self.t_min!r}")
 
 
+@dataclass(frozen=True)
+class EndpointSettings:
+    """Everything ``--model-args`` sets on a served model (``harness.models.endpoint``).
+
+    ``base_url``: the API root (``http://host:port/v1``; ``--model openai:URL`` sets it);
+    ``model``: the served model's name (None: the server's only model); ``tokenizer``: a local
+    tokenizer (directory, hub id or model card) to split and count tokens exactly (None: the
+    server's ``/tokenize`` where it has one, else text offsets); ``logprobs``: how prompt
+    log-probabilities are asked for (``echo`` with ``logprobs``, vLLM's ``prompt_logprobs``, or
+    ``auto``: the first that works); ``infill_mode``: prefix | reorder (as the AR backend) |
+    suffix (the completions API's ``suffix``); ``family``: what the server runs (ar | diffusion);
+    ``server_hardware``: what it runs on, as the user states it (``8xH20``), where the server
+    does not say. The transport settings (``TRANSPORT_ARGS``) change no number and are not part of
+    a run's identity; the API key is read from the environment variable ``api_key_env``."""
+
+    base_url: str | None = None
+    model: str | None = None
+    tokenizer: str | None = None
+    logprobs: str = "auto"
+    infill_mode: str = "prefix"
+    family: str = "ar"
+    server_hardware: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    num_concurrent: int = 8
+    max_retries: int = 3
+    timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        validated(self, {"base_url": _text, "model": _text, "tokenizer": _text, "server_hardware": _text,
+                         "logprobs": _choice(lambda: ("auto", "echo", "prompt_logprobs")),
+                         "infill_mode": _choice(lambda: ("prefix", "reorder", "suffix")),
+                         "family": _choice(lambda: ("ar", "diffusion")), "api_key_env": _text,
+                         "num_concurrent": _number(int, 1), "max_retries": _number(int, 0),
+                         "timeout": _number(float, 0, open_low=True)})
+        if not self.base_url:
+            raise HarnessError("an endpoint model needs base_url (--model openai:http://HOST:PORT/v1)")
+        from harness.serving.client import check_base_url
+
+        object.__setattr__(self, "base_url", check_base_url(self.base_url))
+
+
+TRANSPORT_ARGS = ("api_key_env", "num_concurrent", "max_retries", "timeout")
+
+
 # model argument -> (part of DiffusionSettings, field); cfg_scale goes to both parts
 ESTIMATOR_ARGS = {"estimator": "method", "samples": "samples", "eps": "eps", "cfg_scale": "cfg_scale",
                   "greedy": "greedy"}
@@ -219,6 +263,7 @@ CACHE_ARGS = {"cache": "mode", "refresh": "refresh"}
 DIFFUSION_ARGS = sorted({*ESTIMATOR_ARGS, *SAMPLER_ARGS, *CACHE_ARGS, "start_token", "base_model", *LOAD_KEYS})
 AR_ARGS = sorted(f.name for f in fields(ARSettings))
 DIFFUSION_GEMMA_ARGS = sorted(f.name for f in fields(DiffusionGemmaSettings))
+ENDPOINT_ARGS = sorted(f.name for f in fields(EndpointSettings))
 
 
 def _reject_unknown(args: dict[str, Any], valid: list[str], family: str) -> None:
@@ -244,7 +289,13 @@ def ar_settings(args: dict[str, Any]) -> ARSettings:
     return ARSettings(**args)
 
 
-def settings_for(backend: str, args: dict[str, Any]) -> DiffusionSettings | ARSettings | DiffusionGemmaSettings:
+Settings = DiffusionSettings | ARSettings | DiffusionGemmaSettings | EndpointSettings
+
+
+def settings_for(backend: str, args: dict[str, Any]) -> Settings:
+    if backend == "endpoint":
+        _reject_unknown(args, ENDPOINT_ARGS, "an endpoint")
+        return EndpointSettings(**args)
     if backend == "diffusion_gemma":
         _reject_unknown(args, DIFFUSION_GEMMA_ARGS, "a DiffusionGemma")
         return DiffusionGemmaSettings(**args)

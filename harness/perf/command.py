@@ -2,6 +2,9 @@
 
     harness bench --suite throughput-quick
     harness bench --model smollm2-135m --model untrained-dlm:smollm2-135m --gen-length 64,256 --steps 16,64
+    harness bench --endpoint http://127.0.0.1:8000/v1 --suite serving-quick   # a served model
+
+With ``--endpoint`` the command times a served model instead (``harness.perf.serving_command``).
 
 Models: a card name, a checkpoint directory, a hub id, or ``untrained-dlm:BASE``
 (``harness.perf.untrained``). Each model is measured by ``harness.perf.sweep``, and a speed-quality
@@ -60,11 +63,45 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: the suite's, else "
                                           "torch's); recorded in the hardware fingerprint."),
     include_path: Optional[List[Path]] = typer.Option(None, "--include-path", help="A folder of user YAML; repeatable."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Time a served model instead: an "
+                                           "OpenAI-compatible API root, http://HOST:PORT/v1 (a serving suite)."),
+    request_rates: Optional[str] = typer.Option(None, "--request-rates", help="Serving: comma-separated Poisson "
+                                                "request rates per second (inf: all at once)."),
+    concurrency: Optional[str] = typer.Option(None, "--concurrency", help="Serving: comma-separated caps on "
+                                              "requests in flight."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Serving: requests per setting."),
+    api: Optional[str] = typer.Option(None, "--api", help="Serving: completions | chat."),
+    stream_unit: Optional[str] = typer.Option(None, "--stream-unit", help="Serving: what one streamed chunk is: "
+                                              "token | block | canvas (a DLM endpoint)."),
+    endpoint_args: Optional[str] = typer.Option(None, "--endpoint-args", help="Serving: k=v,... of the endpoint "
+                                                "(model, server_hardware e.g. 8xH20, api_key_env, timeout, max_retries)."),
 ) -> None:
-    """Measure throughput, latency, memory and MFU over a sweep (a throughput suite or --model)."""
+    """Measure throughput, latency, memory and MFU over a sweep (a throughput suite or --model), or
+    time a served model over request rates and concurrency (--endpoint with a serving suite)."""
     from harness.catalog import add_include_paths
 
     add_include_paths(include_path or [])
+    if endpoint:
+        from harness.models.factory import parse_model_args
+        from harness.perf.serving_command import bench_serving_command
+
+        if model:
+            raise HarnessError("give --model (a local model) or --endpoint (a served one), not both")
+        overrides = {"request_rates": _names(request_rates), "concurrency": _ints(concurrency),
+                     "num_prompts": num_prompts, "api": api, "stream_unit": stream_unit, "warmup": warmup}
+        bench_serving_command(endpoint, suite, {k: v for k, v in overrides.items() if v is not None},
+                              parse_model_args(endpoint_args), output=output, seed=seed, data_dir=data_dir)
+        return
+    overrides = {"gen_length": _ints(gen_length), "steps": _ints(steps), "batch_size": _ints(batch_size),
+                 "prompt_length": _ints(prompt_length), "samplers": _names(samplers), "caches": _names(caches), "ar_modes": _names(ar_modes),
+                 "repeats": repeats, "warmup": warmup, "threads": threads, "models": list(model) if model else None}
+    bench_local(suite, {k: v for k, v in overrides.items() if v is not None}, output=output, device=device,
+                dtype=dtype, seed=seed, data_dir=data_dir)
+
+
+def bench_local(suite: str | None, overrides: dict[str, Any], *, output: Path, device: str, dtype: str | None,
+                seed: int, data_dir: Path | None) -> None:
+    """Every model of the sweep, measured and printed."""
     from harness.console import console, out
     from harness.perf.quality import check_quality
     from harness.perf.sweep import bench_model
@@ -72,10 +109,7 @@ def bench(
     from harness.store import default_store_path
     from harness.tasks.data import resolve_data_dir
 
-    overrides = {"gen_length": _ints(gen_length), "steps": _ints(steps), "batch_size": _ints(batch_size),
-                 "prompt_length": _ints(prompt_length), "samplers": _names(samplers), "caches": _names(caches), "ar_modes": _names(ar_modes),
-                 "repeats": repeats, "warmup": warmup, "threads": threads, "models": list(model) if model else None}
-    options = bench_options(suite, {k: v for k, v in overrides.items() if v is not None})
+    options = bench_options(suite, overrides)
     if not options["models"]:
         raise HarnessError("nothing to measure: give --model or a --suite that lists models")
     check_output_dir(output)
@@ -110,6 +144,8 @@ def bench_options(suite: str | None, overrides: dict[str, Any]) -> dict[str, Any
     options = dict(DEFAULTS)
     if suite:
         spec = catalog().suites.get(suite)
+        if spec.kind == "serving":
+            raise HarnessError(f"suite '{suite}' is a serving suite: give the served model with --endpoint URL")
         if spec.kind != "throughput":
             raise HarnessError(f"suite '{suite}' is not a throughput suite (kind: {spec.kind}); "
                                f"`harness run --suite {suite}` runs it")

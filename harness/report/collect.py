@@ -4,7 +4,7 @@ Every cell carries what produced it (task and prompt hash, scoring method, dtype
 and its metric's spec (unit, direction, primary), so that views keep numbers produced differently
 apart and show each in its own unit. Everything is read through ``Store`` methods; the specs of
 results from an older store fall back as ``harness.report.specs`` says. The tables built from
-these live in ``harness.report.tables`` and ``harness.report.hardware``.
+these live in ``harness.report.tables``, ``harness.report.hardware`` and ``harness.report.serving``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from harness.errors import HarnessError
 from harness.hashing import stable_hash
-from harness.report.format import DASH
+from harness.report.format import DASH, finite
 from harness.report.names import display_name
 from harness.report.specs import metric_spec, result_output_type, result_specs
 from harness.scoring.metric import Metric
@@ -92,7 +92,9 @@ def first_prompt(store: Store, run_id: str, task: str) -> str:
 
 
 def family(run: dict[str, Any]) -> str:
-    return "DLM" if run["model_fingerprint"].get("backend") in ("diffusion", "diffusion_gemma") else "AR"
+    fp = run["model_fingerprint"]
+    diffusion = fp.get("backend") in ("diffusion", "diffusion_gemma") or (fp.get("served") and fp.get("family") == "diffusion")
+    return "DLM" if diffusion else "AR"
 
 
 def versions(run: dict[str, Any]) -> str:
@@ -106,6 +108,10 @@ def scoring(run: dict[str, Any], output_type: str | None) -> str:
     """One phrase for how a run scored a task of one output type (None: unknown, an old store)."""
     kind = REQUEST_KINDS.get(output_type or "")
     fp = run["model_fingerprint"]
+    if fp.get("backend") == "endpoint":
+        engine = fp.get("engine") or "server"
+        return {"loglikelihood": f"served prompt logprobs ({engine})", "generate": f"served ({engine})",
+                "infill": f"served ({engine}, {fp.get('infill_mode') or 'prefix'} infill)"}.get(kind or "", f"served ({engine})")
     if family(run) == "AR":
         if kind in ("generate", "infill"):
             return "greedy" + (f" ({fp['infill_mode']} infill)" if kind == "infill" and fp.get("infill_mode") else "")
@@ -152,10 +158,34 @@ def collect_cells(store: Store, runs: list[dict[str, Any]]) -> list[Cell]:
 
 
 # ---- throughput measurements ------------------------------------------------------------------
-def hardware_label(hw: dict[str, Any]) -> str:
+SERVED_LABELS = {"vllm": "vLLM (served)", "sglang": "SGLang (served)", "harness-reference": "reference server (served)",
+                 "openai-compatible": "OpenAI-compatible server (served)"}
+LOCAL_LABELS = {"hf_ar": "HF eager", "diffusion": "DLM (harness)", "vllm": "vLLM (in-process)",
+                "diffusion_gemma": "DiffusionGemma (harness)"}
+NESTED = (("latency_s", "latency"), ("first_token_s", "ttft"), ("tpot_s", "tpot"), ("itl_s", "itl"))
+QUANTILES = ("mean", "p50", "p95", "p99")
+LOAD = (("request_rate", "rate {}/s"), ("max_concurrency", "concurrency {}"), ("num_prompts", "{} prompts"),
+        ("input_words", "in {} words"), ("output_tokens", "out {} tokens"))
+
+
+def hardware_label(hw: Any) -> str:
+    """The accelerator (GPU ×count) or CPU; a served one the user declared says "(declared)", and
+    a server that reports nothing is "unknown hardware (served)"."""
+    hw = hw if isinstance(hw, dict) else {}
+    declared = " (declared)" if hw.get("source") == "declared" else ""
+    count = hw.get("gpu_count")
     if hw.get("gpu"):
-        return f"{hw['gpu']}" + (f" ×{hw['gpu_count']}" if (hw.get("gpu_count") or 1) > 1 else "")
-    return f"{hw.get('cpu', 'unknown CPU')}" + (f" ({hw['cpu_cores']} cores)" if hw.get("cpu_cores") else "")
+        return f"{hw['gpu']}" + (f" ×{count:g}" if finite(count) and count > 1 else "") + declared
+    if not hw.get("cpu") and hw.get("source") in ("unknown", "reported", "declared"):
+        return "unknown hardware (served)"
+    return f"{hw.get('cpu', 'unknown CPU')}" + (f" ({hw['cpu_cores']} cores)" if hw.get("cpu_cores") else "") + declared
+
+
+def backend_label(backend: str, mode: str) -> str:
+    """How a backend reads in the report: "HF eager", "DLM (harness)", "vLLM (served)", ..."""
+    if mode == "served":
+        return SERVED_LABELS.get(backend, f"{backend} (served)")
+    return LOCAL_LABELS.get(backend, backend)
 
 
 def setting_label(setting: dict[str, Any]) -> str:
@@ -165,43 +195,80 @@ def setting_label(setting: dict[str, Any]) -> str:
     return " · ".join(parts + [f"{k} {v}" for k, v in sorted(setting.items()) if k not in dict(known)]) or "default"
 
 
+def span(value: Any) -> str:
+    """A [low, high] range as "low–high"; anything else as it is."""
+    return "–".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def load_label(setting: dict[str, Any], load: bool = True) -> str:
+    """A served setting: "rate inf/s · concurrency 1 · 16 prompts · in 32–128 words · ... · streamed"
+    (without ``load``: the prompts alone, not the request rate and concurrency)."""
+    parts = [form.format(span(setting[key])) for key, form in LOAD[0 if load else 2:] if setting.get(key) is not None]
+    if isinstance(setting.get("streaming"), bool):
+        parts.append("streamed" if setting["streaming"] else "not streamed")
+    return " · ".join(parts) or "default"
+
+
 def quality_of(store: Store, quality: Any) -> dict[str, Any] | None:
     """A measurement's ``quality`` dict with its metric's ``spec``: the one stored with the quality
     task's result in the eval run it names (``run_id``), else the fallback of ``harness.report.specs``."""
     if not isinstance(quality, dict):
         return None
     task, metric = str(quality.get("task", "?")), str(quality.get("metric", "quality"))
-    result = store.task_results(quality["run_id"]).get(task) if quality.get("run_id") else None
+    result = store.task_results(str(quality["run_id"])).get(task) if quality.get("run_id") else None
     return {**quality, "spec": metric_spec(task, metric, result)}
 
 
-def collect_measurements(store: Store, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flat dict per throughput measurement, with canonical keys and its hardware fingerprint.
+def latencies(m: dict[str, Any], setting: dict[str, Any], mode: str) -> dict[str, Any]:
+    """Flat ``latency_p50_s``, ``ttft_p99_s``, ``tpot_p50_s``, ``itl_p99_s``, ... from the nested
+    summaries (or the record's own flat keys), None where missing. A local record's TPOT is
+    (latency p50 − TTFT p50) / (gen_length − 1)."""
+    flat = {}
+    for key, prefix in NESTED:
+        nested = m.get(key) if isinstance(m.get(key), dict) else {}
+        for q in QUANTILES:
+            value = m.get(f"{prefix}_{q}_s", nested.get(q))
+            flat[f"{prefix}_{q}_s"] = value if finite(value) else None
+    flat["ttft_s"] = m["ttft_s"] if finite(m.get("ttft_s")) else flat["ttft_p50_s"]
+    n, latency, first = setting.get("gen_length"), flat["latency_p50_s"], flat["ttft_s"]
+    if mode == "local" and flat["tpot_p50_s"] is None and finite(n) and n > 1 and finite(latency) and finite(first):
+        flat["tpot_p50_s"] = (latency - first) / (n - 1)
+    return flat
 
-    The record's own ``hardware`` (which `harness bench` extends with software versions and dtype)
-    wins over the run's; its dtype moves to the measurement; nested latencies (``latency_s: {p50,
-    p95}``) become flat keys; a ``quality`` dict gets its metric's spec.
+
+def measurement(store: Store, run: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
+    """One record, flat: see ``collect_measurements``."""
+    fp = run["model_fingerprint"]
+    served = m.get("served") is True or "serving" in (m.get("kind"), run["kind"]) or fp.get("served") is True
+    mode = "served" if served else "local"
+    hw = m.get("hardware") if isinstance(m.get("hardware"), dict) else (
+        {"source": "unknown"} if served else run["env"].get("hardware") or {})
+    dtype = m.get("dtype") or hw.get("dtype") or fp.get("dtype") or DASH
+    hw = {k: v for k, v in hw.items() if k != "dtype"}  # a model setting, not the machine
+    setting = m.get("setting") if isinstance(m.get("setting"), dict) else {}
+    memory = m.get("peak_memory_bytes")
+    name = model_name(run) if m.get("model") in (None, run["model"], fp.get("name")) else str(m["model"])
+    backend = str(m.get("backend") or fp.get("backend") or DASH)
+    variant = m.get("variant") or (DASH if served else m.get("sampler") or (fp.get("sampler") or {}).get("name") or
+                                   ("greedy" if fp.get("backend") != "diffusion" else DASH))
+    return {**m, "run_id": run["run_id"], "model": name, "mode": mode, "backend": backend,
+            "backend_label": backend_label(backend, mode), "dtype": DASH if dtype == "—" else str(dtype),
+            "variant": str(variant), **latencies(m, setting, mode),
+            "peak_memory_mb": m.get("peak_memory_mb", memory / 2**20 if finite(memory) else None),
+            "setting": setting, "setting_label": load_label(setting) if served else setting_label(setting),
+            "hardware": hw, "hardware_id": stable_hash(hw)[:8], "hardware_label": hardware_label(hw),
+            "quality": quality_of(store, m.get("quality"))}
+
+
+def collect_measurements(store: Store, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat dict per measurement, local (throughput runs) or served (serving runs), with
+    canonical keys and its hardware fingerprint.
+
+    The record's own ``hardware`` (which `harness bench` extends with software versions and dtype;
+    of a served record, the server's) wins over the run's; its dtype moves to the measurement;
+    nested latencies (``latency_s: {p50, p95}``) become flat keys (``latencies``); a ``quality``
+    dict gets its metric's spec. ``mode`` is "served" or "local", ``backend_label`` the backend
+    as the report names it.
     """
-    out = []
-    for run in runs:
-        fp = run["model_fingerprint"]
-        for m in store.measurements(run["run_id"]):
-            hw = m.get("hardware") if isinstance(m.get("hardware"), dict) else run["env"].get("hardware") or {}
-            dtype = m.get("dtype") or hw.get("dtype") or fp.get("dtype") or DASH
-            hw = {k: v for k, v in hw.items() if k != "dtype"}  # a model setting, not the machine
-            setting = m.get("setting") if isinstance(m.get("setting"), dict) else {}
-            latency, first = m.get("latency_s") or {}, m.get("first_token_s") or {}
-            memory = m.get("peak_memory_bytes")
-            name = model_name(run) if m.get("model") in (None, run["model"], fp.get("name")) else m["model"]
-            out.append({**m, "run_id": run["run_id"], "model": name,
-                        "backend": m.get("backend") or fp.get("backend") or DASH, "dtype": dtype,
-                        "variant": m.get("variant") or m.get("sampler") or (fp.get("sampler") or {}).get("name") or
-                        ("greedy" if fp.get("backend") != "diffusion" else DASH),
-                        "latency_p50_s": m.get("latency_p50_s", latency.get("p50") if isinstance(latency, dict) else None),
-                        "latency_p95_s": m.get("latency_p95_s", latency.get("p95") if isinstance(latency, dict) else None),
-                        "ttft_s": m.get("ttft_s", first.get("p50") if isinstance(first, dict) else None),
-                        "peak_memory_mb": m.get("peak_memory_mb", memory / 2**20 if isinstance(memory, (int, float)) else None),
-                        "setting": setting, "setting_label": setting_label(setting), "hardware": hw,
-                        "hardware_id": stable_hash(hw)[:8], "hardware_label": hardware_label(hw),
-                        "quality": quality_of(store, m.get("quality"))})
-    return out
+    return [measurement(store, run, m) for run in runs for m in store.measurements(run["run_id"])
+            if isinstance(m, dict)]

@@ -14,6 +14,7 @@ from harness.report import Section, Table
 from harness.report.collect import (Cell, collect_cells, collect_measurements, hardware_label, model_name, select_runs,
                                     versions)
 from harness.report.hardware import hardware_tables, measurement_tables
+from harness.report.serving import serving_tables, side_by_side_tables
 from harness.report.tables import boards, results_table, runs_table, suite_title
 from harness.report.compare import dlm_vs_ar, paired, paired_table
 from harness.report.plots import have_matplotlib
@@ -111,12 +112,15 @@ def speed_sections(measurements: list[dict[str, Any]], figures: bool) -> list[Se
 
     pictures = speed_quality_figures(measurements) if figures else []
     across = hardware_figure(measurements) if figures else None
+    fingerprints, *by_setting = hardware_tables(measurements)
+    served, local = serving_tables(measurements), measurement_tables(measurements)
     return [
         section("Speed and quality", [], "No throughput measurement carries a quality value, so there is no "
                 "speed-quality front (a speed-quality suite, one with options.quality, records them).", figures=pictures),
-        section("Hardware", hardware_tables(measurements), "No hardware fingerprints.",
-                figures=[across] if across else []),
-        section("Throughput measurements", measurement_tables(measurements), "No measurements."),
+        section("Hardware", [fingerprints, *side_by_side_tables(measurements), *by_setting],
+                "No hardware fingerprints.", figures=[across] if across else []),
+        *([section("Serving measurements", served, "")] if served else []),
+        *([section("Throughput measurements", local, "")] if local else []),
     ]
 
 
@@ -139,7 +143,8 @@ def run_sections(store: Store, run: dict[str, Any]) -> list[Section]:
         sections += [section("Results", [results_table(cells)], "No task results."),
                      section("Paper reproduction", [table], "No published number for this model and these tasks.")]
     if measurements:
-        sections.append(section("Throughput measurements", measurement_tables(measurements), "No measurements."))
+        sections.append(section("Throughput measurements", serving_tables(measurements) +
+                                measurement_tables(measurements), "No measurements."))
     return sections
 
 

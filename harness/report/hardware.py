@@ -1,5 +1,9 @@
 """Throughput tables: the hardware fingerprints, tokens/s per model by hardware, every measurement.
 
+The per-setting tables hold local measurements (``mode`` "local"); served ones, whose columns
+differ, are tabled by ``harness.report.serving``. Hardware ids (H1, H2, ...) number every
+fingerprint, local or served, in the order first measured.
+
 A measurement's quality value is shown in its metric's unit (the ``spec`` that
 ``collect_measurements`` attached to it). TPF (tokens per forward) is the record's ``tpf``:
 generated tokens / (NFE x batch size), what one forward pass gives a row (see
@@ -28,6 +32,10 @@ def tokens_per_forward(m: dict[str, Any]) -> float | None:
     return tokens / (nfe * batch) if ok and nfe else None
 
 
+def is_local(m: dict[str, Any]) -> bool:
+    return m.get("mode") != "served"
+
+
 def hardware_ids(measurements: list[dict[str, Any]]) -> dict[str, str]:
     return {hid: f"H{i}" for i, hid in enumerate(dict.fromkeys(m["hardware_id"] for m in measurements), 1)}
 
@@ -36,21 +44,23 @@ def fingerprints_table(measurements: list[dict[str, Any]]) -> Table:
     ids = hardware_ids(measurements)
     first = {m["hardware_id"]: m["hardware"] for m in reversed(measurements)}
     return Table("Hardware fingerprints", ["Id", "Accelerator", "GPU memory (GB)", "CUDA / driver", "CPU",
-                                           "Cores", "RAM (GB)", "Software", "Fingerprint"],
+                                           "Cores", "RAM (GB)", "Software", "Source", "Fingerprint"],
                  [[ids[h], hardware_label(hw), number(hw.get("gpu_memory_gb"), 0),
                    f"{hw.get('cuda') or DASH} / {hw.get('driver') or DASH}", hw.get("cpu") or DASH,
                    number(hw.get("cpu_cores"), 0), number(hw.get("memory_gb"), 0),
-                   ", ".join(f"{k} {hw[k]}" for k in ("torch", "transformers") if hw.get(k)) or DASH, h]
+                   ", ".join(f"{k} {hw[k]}" for k in ("torch", "transformers") if hw.get(k)) or DASH,
+                   f"server, {hw['source']}" if "source" in hw else "local", h]
                   for h, hw in ((h, first[h]) for h in ids)])
 
 
 def hardware_tables(measurements: list[dict[str, Any]]) -> list[Table]:
-    """The distinct hardware fingerprints, then per model: one row per hardware, tokens/s per setting."""
+    """The distinct hardware fingerprints, then per model: one row per hardware, tokens/s per local setting."""
     ids = hardware_ids(measurements)
     first = {m["hardware_id"]: m["hardware"] for m in reversed(measurements)}
     tables = [fingerprints_table(measurements)]
-    for model in dict.fromkeys(m["model"] for m in measurements):
-        mine = [m for m in measurements if m["model"] == model]
+    local = [m for m in measurements if is_local(m)]
+    for model in dict.fromkeys(m["model"] for m in local):
+        mine = [m for m in local if m["model"] == model]
         keys = list(dict.fromkeys(column_key(m) for m in mine))
         common = {k: v for k, v in keys[0] if all((k, v) in key for key in keys)}
         latest = {(m["hardware_id"], column_key(m)): m for m in mine}
@@ -72,11 +82,13 @@ def column_key(m: dict[str, Any]) -> tuple:
 
 
 def measurement_tables(measurements: list[dict[str, Any]]) -> list[Table]:
-    """Every measurement, one table per hardware fingerprint."""
+    """Every local measurement, one table per hardware fingerprint."""
     ids = hardware_ids(measurements)
     tables = []
     for hid, name in ids.items():
-        mine = [m for m in measurements if m["hardware_id"] == hid]
+        mine = [m for m in measurements if m["hardware_id"] == hid and is_local(m)]
+        if not mine:
+            continue
         rows = [[m["model"], m["backend"], m["variant"], m["dtype"], m["setting_label"]] +
                 [number(tokens_per_forward(m) if key == "tpf" else m.get(key), digits, scale)
                  for key, _, digits, scale in MEASURES] +

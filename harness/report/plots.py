@@ -1,7 +1,9 @@
 """Speed-quality figures from throughput measurements that carry a ``quality`` dict (matplotlib, Agg).
 
-Pareto plots are drawn per hardware fingerprint (tokens/s from different machines never share
-axes); steps-vs-quality curves pool hardware, since quality does not depend on it. The quality axis
+Pareto plots are drawn per accelerator (its hardware label: tokens/s from different GPUs never
+share axes), local and served points together, one series per model, backend label ("HF eager",
+"vLLM (served)", ...) and variant; steps-vs-quality curves pool hardware, since quality does not
+depend on it. The tokens/s-across-hardware bars are of local measurements. The quality axis
 is in the metric's unit and the Pareto front follows its direction, both from the metric spec that
 ``collect_measurements`` attached to each quality dict; a metric without a declared direction gets
 no front.
@@ -13,8 +15,8 @@ import itertools
 from typing import Any
 
 from harness.report import Figure, Table
-from harness.report.format import fmt, number
-from harness.report.hardware import hardware_ids
+from harness.report.format import finite, fmt, number
+from harness.report.hardware import hardware_ids, is_local
 
 
 GREY = "#808080"  # text and axes that read on a light page, a dark page and paper
@@ -81,24 +83,25 @@ def speed_quality_figures(measurements: list[dict[str, Any]]) -> list[Figure]:
     for (task, metric), points in groups.items():
         spec = points[0]["quality"]["spec"]
         unit, scale = f"{task} {spec.label}", spec.scale
-        for hid in dict.fromkeys(m["hardware_id"] for m in points):
-            mine = [m for m in points if m["hardware_id"] == hid and isinstance(m.get("tokens_per_s"), (int, float))]
+        for label in dict.fromkeys(m["hardware_label"] for m in points):
+            mine = [m for m in points if m["hardware_label"] == label and finite(m.get("tokens_per_s"))]
             if mine:
-                figures.append(pareto_figure(plt, mine, task, metric, unit, scale, f"{ids[hid]} {mine[0]['hardware_label']}"))
+                names = ", ".join(ids[h] for h in dict.fromkeys(m["hardware_id"] for m in mine))
+                figures.append(pareto_figure(plt, mine, task, metric, unit, scale, f"{names} {label}"))
         figures.append(steps_figure(plt, points, task, metric, unit, scale))
     return [f for f in figures if f is not None]
 
 
 def pareto_figure(plt, points, task: str, metric: str, unit: str, scale: float, hardware: str) -> Figure:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    series = dict.fromkeys((m["model"], m["variant"]) for m in points)
-    for (model, variant), marker in zip(series, itertools.cycle("osD^v<>p*h")):
-        mine = [m for m in points if (m["model"], m["variant"]) == (model, variant)]
+    series = dict.fromkeys(series_of(m) for m in points)
+    for key, marker in zip(series, itertools.cycle("osD^v<>p*h")):
+        mine = [m for m in points if series_of(m) == key]
         ax.scatter([m["tokens_per_s"] for m in mine], [m["quality"]["value"] * scale for m in mine], marker=marker,
-                   s=36, label=f"{model} · {variant}", zorder=3)
+                   s=36, label=" · ".join(key), zorder=3)
         for m in mine:
-            if m["setting"].get("steps") is not None:
-                ax.annotate(str(m["setting"]["steps"]), (m["tokens_per_s"], m["quality"]["value"] * scale),
+            if point_label(m):
+                ax.annotate(point_label(m), (m["tokens_per_s"], m["quality"]["value"] * scale),
                             textcoords="offset points", xytext=(4, 3), fontsize=7, color=GREY)
     direction = points[0]["quality"]["spec"].higher_is_better
     if direction is not None:
@@ -106,17 +109,34 @@ def pareto_figure(plt, points, task: str, metric: str, unit: str, scale: float, 
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color=GREY, lw=1, ls="--",
                 label="Pareto front", zorder=2)
     ax.set_xscale("log")
-    ax.set_xlabel("throughput (tokens/s, log scale)")
+    ax.set_xlabel("throughput (output tokens/s, log scale)")
     ax.set_ylabel(unit)
     ax.legend(frameon=False, fontsize=8)
     title = f"Speed vs quality: {task} on {hardware}"
-    table = Table(title, ["Model", "Variant", "Setting", "tokens/s", unit],
-                  [[m["model"], m["variant"], m["setting_label"], number(m["tokens_per_s"]),
-                    fmt(m["quality"]["value"], m["quality"].get("stderr"), scale)] for m in points])
+    table = Table(title, ["Model", "Backend", "Variant", "Setting", "tokens/s", unit],
+                  [[m["model"], m.get("backend_label", m["backend"]), m["variant"], m["setting_label"],
+                    number(m["tokens_per_s"]), fmt(m["quality"]["value"], m["quality"].get("stderr"), scale)]
+                   for m in points])
     return Figure(f"pareto-{task}-{metric}-{points[0]['hardware_id']}", title, png(fig),
-                  f"One series per model and decoding variant (sampler, cache); each point one measured setting, "
-                  f"labelled by its denoising steps; quality {unit} on n={points[0]['quality'].get('n', '?')}. "
+                  "One series per model, backend (local or served) and decoding variant (sampler, cache, load); "
+                  "each point one measured setting, labelled by its denoising steps (local) or its concurrency "
+                  f"(served, cN); quality {unit} on n={points[0]['quality'].get('n', '?')}. "
                   "The dashed line is the Pareto front.", table)
+
+
+def series_of(m: dict[str, Any]) -> tuple[str, ...]:
+    """A speed-quality series: model, backend label and variant (a served load's variant is its setting)."""
+    served = m.get("mode") == "served"
+    return (m["model"], m.get("backend_label", m["backend"])) + (() if served else (m["variant"],))
+
+
+def point_label(m: dict[str, Any]) -> str:
+    """A point's label: its denoising steps (local), its concurrency or request rate (served)."""
+    setting = m["setting"]
+    if m.get("mode") == "served":
+        concurrency = setting.get("max_concurrency")
+        return f"c{concurrency}" if concurrency is not None else f"{setting.get('request_rate', '?')}/s"
+    return str(setting["steps"]) if setting.get("steps") is not None else ""
 
 
 def steps_figure(plt, points, task: str, metric: str, unit: str, scale: float) -> Figure | None:
@@ -143,11 +163,11 @@ def steps_figure(plt, points, task: str, metric: str, unit: str, scale: float) -
 
 
 def hardware_figure(measurements: list[dict[str, Any]]) -> Figure | None:
-    """Tokens/s of every (model, variant, setting) on every hardware: horizontal bars, log scale."""
-    timed = [m for m in measurements if isinstance(m.get("tokens_per_s"), (int, float)) and m["tokens_per_s"] > 0]
+    """Tokens/s of every local (model, variant, setting) on every hardware: horizontal bars, log scale."""
+    timed = [m for m in measurements if is_local(m) and finite(m.get("tokens_per_s")) and m["tokens_per_s"] > 0]
     if not timed:
         return None
-    ids = hardware_ids(timed)
+    ids = {h: name for h, name in hardware_ids(measurements).items() if any(m["hardware_id"] == h for m in timed)}
     latest = {(m["model"], m["variant"], m["setting_label"], m["hardware_id"]): m for m in timed}
     series = list(dict.fromkeys(key[:3] for key in latest))
     plt = pyplot()
@@ -168,5 +188,6 @@ def hardware_figure(measurements: list[dict[str, Any]]) -> Figure | None:
     title = "Tokens/s across hardware"
     table = Table(title, ["Model", "Variant", "Setting", *ids.values()], rows)
     return Figure("hardware-tokens-per-s", title, png(fig),
-                  f"The latest measurement of each model, decoding variant and setting on each of {len(ids)} "
-                  "hardware fingerprint(s) (see Hardware fingerprints).", table)
+                  f"The latest local measurement of each model, decoding variant and setting on each of {len(ids)} "
+                  "hardware fingerprint(s) (see Hardware fingerprints; served ones are under Serving "
+                  "measurements).", table)
