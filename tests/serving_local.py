@@ -27,21 +27,27 @@ def tiny_chat_model():
 
 @contextlib.contextmanager
 def running_server(model, tokenizer, *, served_name: str = "tiny", options=None) -> Iterator[str]:
-    """Serve ``build_app(model, tokenizer)`` from a daemon thread on 127.0.0.1 (a free port); yields the
-    base URL ``http://127.0.0.1:PORT/v1`` (a ``ServedURL``: ``.app`` is the app). On exit the server
-    stops, forced if a request still hangs."""
-    import uvicorn
-
+    """Serve ``build_app(model, tokenizer)`` on loopback (``running_app``)."""
     from harness.serving.reference_server import build_app
 
-    app = build_app(model, tokenizer, served_name=served_name, options=options)
+    with running_app(build_app(model, tokenizer, served_name=served_name, options=options)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_app(app) -> Iterator[str]:
+    """Serve an ASGI ``app`` from a daemon thread on 127.0.0.1 (a free port); yields the base URL
+    ``http://127.0.0.1:PORT/v1`` (a ``ServedURL``: ``.app`` is the app). On exit the server stops,
+    forced if a request still hangs."""
+    import uvicorn
+
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="off"))
-    thread = threading.Thread(target=server.run, name="reference-server", daemon=True)
+    thread = threading.Thread(target=server.run, name="loopback-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the reference server did not start within 30 s")
+            raise RuntimeError("the loopback server did not start within 30 s")
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     url = ServedURL(f"http://127.0.0.1:{port}/v1")

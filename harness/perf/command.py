@@ -87,7 +87,7 @@ def bench(
 
         if model:
             raise HarnessError("give --model (a local model) or --endpoint (a served one), not both")
-        overrides = {"request_rates": _names(request_rates), "concurrency": _ints(concurrency),
+        overrides = {"request_rates": _rates(request_rates), "concurrency": _ints(concurrency),
                      "num_prompts": num_prompts, "api": api, "stream_unit": stream_unit, "warmup": warmup}
         bench_serving_command(endpoint, suite, {k: v for k, v in overrides.items() if v is not None},
                               parse_model_args(endpoint_args), output=output, seed=seed, data_dir=data_dir)
@@ -131,6 +131,13 @@ def _ints(text: str | None) -> list[int] | None:
         return [int(v) for v in text.split(",") if v.strip()] if text else None
     except ValueError:
         raise HarnessError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _rates(text: str | None) -> list[float | str] | None:
+    """Comma-separated request rates: numbers, or inf."""
+    from harness.models.factory import convert
+
+    return [convert(v) for v in _names(text)] if text else None
 
 
 def _names(text: str | None) -> list[str] | None:

@@ -90,6 +90,8 @@ def served_quality(url: str, model_args: dict[str, Any], spec: dict[str, Any], *
 def bench_serving_command(url: str, suite: str | None, overrides: dict[str, Any], model_args: dict[str, Any], *,
                           output: Path, seed: int, data_dir: Path | None) -> None:
     """The command: measure, then print the table and where the run is stored."""
+    from rich.console import Console
+
     from harness.console import console, out
     from harness.plan import check_output_dir
     from harness.store import default_store_path
@@ -98,7 +100,11 @@ def bench_serving_command(url: str, suite: str | None, overrides: dict[str, Any]
     check_output_dir(output)
     run_id, records = bench_serving(url, suite, overrides, model_args=model_args, output=output, seed=seed,
                                     data_dir=resolve_data_dir(data_dir), log=console.print)
-    out.print(serving_table(run_id, records), width=None if out.is_terminal else 120)  # a file gets every column
+    if not records:
+        raise HarnessError(f"nothing measured for {run_id}: every request failed (the errors are above); "
+                           f"run the same command again once the server answers")
+    wide = out if out.is_terminal else Console(width=140)  # a file or a pipe gets every column whole
+    wide.print(serving_table(run_id, records))
     console.print(f"run [bold]{run_id}[/] stored in {default_store_path(output)}")
 
 
