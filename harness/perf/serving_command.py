@@ -39,8 +39,7 @@ def client_fingerprint() -> dict[str, Any]:
     from harness.env import environment
 
     env = environment()
-    return {**env["hardware"], "python": env["python"], "dlm-harness": env["packages"].get("dlm-harness"),
-            "git_sha": env["git_sha"]}
+    return {**env["hardware"], "python": env["python"], "packages": env["packages"], "git_sha": env["git_sha"]}
 
 
 def bench_serving(url: str, suite: str | None, overrides: dict[str, Any], *, model_args: dict[str, Any],

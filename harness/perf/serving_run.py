@@ -152,7 +152,8 @@ def bench_endpoint(endpoint, options: dict[str, Any], *, model: str, server: dic
     store.start_run(run_id, model=model, config={"suite": suite, **identity},
                     fingerprint={"name": model, "backend": server.get("engine"), "served": True,
                                  "endpoint": endpoint.base_url, "server": server},
-                    env=client, output_dir=str(output / run_id), kind="serving")
+                    env={"hardware": client, "packages": client.get("packages") or {}, "git_sha": client.get("git_sha"),
+                         "python": client.get("python")}, output_dir=str(output / run_id), kind="serving")
     stored = {r.get("key") for r in store.measurements(run_id)}
     todo = [s for s in serving_settings(options) if stable_hash(s.recorded()) not in stored]
     prompts, source = prompt_set(data_dir, options["num_prompts"], options["input_words"],
