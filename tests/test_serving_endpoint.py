@@ -108,6 +108,24 @@ def test_bench_endpoint_command_stores_resumes_and_reports(tiny, tmp_path):
     assert "Local and served: tiny" in text and "reference server (served)" in text
 
 
+def test_quality_scores_the_endpoint_once_for_every_record(tiny, tmp_path):
+    """``options.quality``: the endpoint scored on a task (an eval run of openai:URL); each record
+    carries that run's score, which equals the local backend's on the same weights."""
+    from harness.plan import RunConfig
+    from harness.runner import evaluate
+
+    with running_server(*tiny) as url:
+        _, records = bench(url, tmp_path, concurrency=[1, 2], quality={"task": "lambada_openai", "limit": 4})
+    for part in tiny:
+        part.save_pretrained(tmp_path / "tiny")
+    expected = evaluate(RunConfig(model=str(tmp_path / "tiny"), tasks=["lambada_openai"], limit=4, device="cpu",
+                                  data_dir=DATA_DIR, output=tmp_path / "local"))["results"]["lambada_openai"]
+    qualities = [r["quality"] for r in records]
+    assert qualities[0] == qualities[1] and qualities[0]["n"] == 4 and qualities[0]["metric"] == "acc"
+    assert qualities[0]["value"] == expected["acc,none"]
+    assert qualities[0]["run_id"].startswith("tiny-harness-reference-")
+
+
 def test_a_serving_suite_needs_an_endpoint_and_an_endpoint_a_serving_suite(tmp_path):
     from harness.perf.command import bench_options
     from harness.perf.serving_command import serving_suite_options
