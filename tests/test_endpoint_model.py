@@ -218,3 +218,16 @@ def test_endpoint_arguments_are_validated():
         settings_for("endpoint", {"base_url": "http://127.0.0.1:1/v1", "temperature": 0.5})
     with pytest.raises(HarnessError, match="num_concurrent must be"):
         EndpointSettings(base_url="http://127.0.0.1:1/v1", num_concurrent=0)
+
+
+def test_perplexity_equals_the_local_backend_with_a_local_tokenizer(url, local, tmp_path):
+    from harness.models.base import RollingRequest
+
+    local.tokenizer.save_pretrained(tmp_path)
+    texts = [RollingRequest("The quick brown fox jumps over the lazy dog. " * 3),
+             RollingRequest("In my palm is a clear stone, and inside it is a small ivory statuette.", window=7)]
+    got, want = served(url, tokenizer=str(tmp_path)).loglikelihood_rolling(texts), local.loglikelihood_rolling(texts)
+    assert [r.n_tokens for r in got] == [r.n_tokens for r in want] and all(r.exact for r in got)
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want)) < 1e-4
+    with pytest.raises(HarnessError, match="needs the model's start token"):
+        served(url).loglikelihood_rolling(texts[:1])

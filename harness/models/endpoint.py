@@ -8,7 +8,8 @@ dInfer, the harness's reference server), ``--model openai:URL`` or a card with `
   server and are cut again here; ``max_input_tokens`` skips as the local backends do.
 * ``infill``: the prefix alone, the suffix then the prefix (``infill_mode``, as the AR backend), or
   the completions API's ``suffix``; exactly the budget of tokens (``min_tokens``, ``ignore_eos``).
-* ``loglikelihood``: the prompt log-probabilities the server returns (``harness.models.endpoint_logprobs``).
+* ``loglikelihood`` and ``loglikelihood_rolling`` (perplexity, with a local tokenizer for the start
+  token): the prompt log-probabilities the server returns (``harness.models.endpoint_logprobs``).
 
 Token ids: with a tokenizer (``tokenizer=``, else the server's ``/tokenize`` where it has one)
 prompts are sent as token ids encoded without special tokens, cut to the server's context from the
@@ -27,7 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from harness.errors import HarnessError
 from harness.models.base import (GenerateRequest, GenerationResult, InfillRequest, LanguageModel,
-                                 LoglikelihoodRequest, LoglikelihoodResult, token_budget, truncate_at_stops)
+                                 LoglikelihoodRequest, LoglikelihoodResult, RollingRequest, RollingResult,
+                                 token_budget, truncate_at_stops)
 from harness.models.settings import EndpointSettings
 from harness.serving.client import Endpoint, EndpointError
 from harness.serving.server_info import probe_server
@@ -214,6 +216,11 @@ class EndpointLM(LanguageModel):
                 raise HarnessError("log-likelihoods under --apply_chat_template: the chat-completions API scores no "
                                    "given continuation; run the log-likelihood tasks without the chat template")
         return self.concurrently(lambda r: score_pair(self, r), requests)
+
+    def loglikelihood_rolling(self, requests: Sequence[RollingRequest]) -> list[RollingResult]:
+        from harness.models.endpoint_logprobs import score_rolling
+
+        return self.concurrently(lambda r: score_rolling(self, r), requests)
 
 
 def load_tokenizer(source: str):

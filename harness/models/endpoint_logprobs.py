@@ -10,14 +10,15 @@ continuation is every token that starts at or after the context's end (its trail
 to the continuation, as in lm-eval), read from ``text_offset``. The logprob is the sum over the
 continuation's tokens; greedy means each was the most likely token. ``logprobs: auto`` tries echo,
 then prompt_logprobs, and keeps the first the server answers; a server that answers neither gets
-one clear error.
+one clear error. Perplexity (``score_rolling``) scores a text's windows the same way.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.models.base import LoglikelihoodRequest, LoglikelihoodResult, encode_segments, split_pair
+from harness.models.base import (LoglikelihoodRequest, LoglikelihoodResult, RollingRequest, RollingResult,
+                                 encode_segments, split_pair)
 from harness.serving.client import EndpointError
 
 REJECTED = (400, 404, 405, 422, 501)  # statuses of a server that does not take the request's form
@@ -33,21 +34,43 @@ def score_pair(lm, request: LoglikelihoodRequest) -> LoglikelihoodResult:
     if lm.token_source is not None:
         encoded = encode_segments(lm.encode, request.context, request.segments) if request.segments \
             else split_pair(lm.encode, request.context, request.continuation)
-        context, continuation = encoded[0] or lm.start_ids(), encoded[1]
-        prompt: str | list[int] = context + continuation
-        positions, boundary = list(range(len(context), len(context) + len(continuation))), None
+        logprob, greedy, n = score_ids(lm, encoded[0] or lm.start_ids(), encoded[1])
     else:
-        context_text, continuation_text = text_split(request)
-        prompt, positions, boundary = context_text + continuation_text, [], len(context_text)
+        context, continuation = text_split(request)
+        logprob, greedy, n = scored(lm, context + continuation, [], len(context))
+    return LoglikelihoodResult(logprob=logprob, is_greedy=greedy, n_tokens=n)
+
+
+def score_rolling(lm, request: RollingRequest) -> RollingResult:
+    """A whole text in disjoint windows, each after the token before it (the first after the start
+    token), as the AR backend scores it; windows leave room for the one generated token."""
+    if lm.tokenizer is None:
+        raise HarnessError("perplexity through an endpoint needs the model's start token: give --model_args "
+                           "tokenizer=DIR_OR_HUB_ID")
+    ids, limit = lm.encode(request.text), lm.server["max_model_len"]
+    size = min(request.window or limit or len(ids) or 1, limit - 2 if limit else len(ids) or 1)
+    total, tokens = 0.0, 0
+    for start in range(0, len(ids), size):
+        logprob, _, n = score_ids(lm, ids[start - 1:start] if start else lm.start_ids(), ids[start:start + size])
+        total, tokens = total + logprob, tokens + n
+    return RollingResult(logprob=total, n_tokens=tokens, exact=not lm.is_diffusion)
+
+
+def score_ids(lm, context: list[int], continuation: list[int]) -> tuple[float, bool, int]:
+    return scored(lm, context + continuation, list(range(len(context), len(context) + len(continuation))), None)
+
+
+def scored(lm, prompt: str | list[int], positions: list[int], boundary: int | None) -> tuple[float, bool, int]:
+    """(logprob, greedy, tokens) of the scored positions, by the first form the server answers."""
     reasons = []
     for mode in [lm.logprobs_mode] if lm.logprobs_mode else ["echo", "prompt_logprobs"]:
         try:
-            logprob, greedy, n = FORMS[mode](lm, prompt, positions, boundary)
+            result = FORMS[mode](lm, prompt, positions, boundary)
         except Unsupported as exc:
             reasons.append(f"{mode}: {exc}")
             continue
         lm.logprobs_mode = mode
-        return LoglikelihoodResult(logprob=logprob, is_greedy=greedy, n_tokens=n)
+        return result
     raise HarnessError(f"endpoint {lm.settings.base_url} returns no prompt log-probabilities ({'; '.join(reasons)}); "
                        f"log-likelihood tasks need a server that does (vLLM, SGLang), or run generation tasks only")
 
