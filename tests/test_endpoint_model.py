@@ -231,3 +231,16 @@ def test_perplexity_equals_the_local_backend_with_a_local_tokenizer(url, local, 
     assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want)) < 1e-4
     with pytest.raises(HarnessError, match="needs the model's start token"):
         served(url).loglikelihood_rolling(texts[:1])
+
+
+def test_lm_eval_model_names_take_the_route_url(url):
+    """lm-eval's ``--model local-completions --model_args base_url=.../v1/completions,model=...``."""
+    from harness.models.factory import build_model
+    from harness.plan import RunConfig, plan_run
+
+    plan = plan_run(RunConfig(model="local-completions", tasks=["triviaqa"],
+                              model_args={"base_url": f"{url}/completions", "model": "tiny", "num_concurrent": 2}))
+    lm = build_model(plan.card, settings=plan.settings)
+    assert lm.fingerprint == {**served(url).fingerprint, "batch_size": lm.batch_size}
+    with pytest.raises(HarnessError, match="needs base_url"):
+        plan_run(RunConfig(model="local-chat-completions", tasks=["triviaqa"]))

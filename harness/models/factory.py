@@ -11,6 +11,7 @@ from harness.models.settings import Settings, settings_for
 
 DIFFUSION_CONFIG = "diffusion_config.json"
 ENDPOINT_PREFIX = "openai:"
+LM_EVAL_ENDPOINTS = ("local-completions", "local-chat-completions")
 
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
@@ -45,6 +46,8 @@ def resolve_card(name_or_path: str) -> ModelCard:
         return models.get(name_or_path)
     if name_or_path.startswith(ENDPOINT_PREFIX):
         return endpoint_card(name_or_path[len(ENDPOINT_PREFIX):])
+    if name_or_path in LM_EVAL_ENDPOINTS:  # lm-eval's names: the URL comes as --model_args base_url=...
+        return ModelCard(name=name_or_path, backend="endpoint")
     path = Path(name_or_path).expanduser()
     if path.exists():
         if (path / DIFFUSION_CONFIG).exists():

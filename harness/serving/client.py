@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from harness.errors import HarnessError
 
+ROUTES = ("/chat/completions", "/completions")
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 NETWORK_ERRORS = (ConnectionError, socket.timeout, TimeoutError, http.client.HTTPException, OSError)
 
@@ -41,7 +42,11 @@ class Retryable(Exception):
 
 
 def check_base_url(url: str) -> str:
-    """``http(s)://host[:port][/path]`` without a trailing slash (the ``/v1`` the API lives under)."""
+    """``http(s)://host[:port][/path]`` without a trailing slash (the ``/v1`` the API lives under); a
+    URL of the route itself (lm-eval's ``base_url=.../v1/completions``) is cut to the API root."""
+    url = url.strip().rstrip("/")
+    for route in ROUTES:
+        url = url[:-len(route)] if url.endswith(route) else url
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HarnessError(f"endpoint URL must look like http://HOST:PORT/v1, not '{url}'")
