@@ -75,6 +75,20 @@ MIGRATIONS = (("task_results", "metric_specs", "TEXT"), ("task_results", "output
               ("records", "cache_key", "TEXT"))
 
 
+def wal_mode(db: sqlite3.Connection, seconds: float = 60.0) -> None:
+    """Switch to WAL. SQLite answers "locked" at once, without waiting, while another process
+    creates the same new store (two ranks starting together), so the switch is retried."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def default_store_path(output_dir: Path) -> Path:
     return Path(os.environ.get("HARNESS_STORE") or output_dir / "store.sqlite")
 
@@ -143,7 +157,7 @@ class Store:
             self.db.execute("SELECT COUNT(*) FROM runs").fetchone()
             return
         self.db = db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
+        wal_mode(db)
         db.execute("PRAGMA busy_timeout=60000")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
