@@ -176,7 +176,7 @@ def test_run_setting_counts_errors():
 def bench(tmp_path, endpoint, **options):
     options = {"concurrency": [1, 2], "num_prompts": 4, "input_words": [2, 4], "output_tokens": 3, **options}
     return bench_endpoint(endpoint, options, model="tiny-model", server={"engine": "fake", "version": "1",
-                          "model": "tiny-model"}, hardware={"gpu": "none"}, client={"cpu": "test"},
+                          "model": "tiny-model"}, hardware={"gpu": "none"}, env={"hardware": {"cpu": "test"}},
                           output=tmp_path, seed=0, data_dir=None, suite=None, log=lambda line: None)
 
 

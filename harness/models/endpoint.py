@@ -31,8 +31,8 @@ from harness.models.base import (GenerateRequest, GenerationResult, InfillReques
                                  LoglikelihoodRequest, LoglikelihoodResult, RollingRequest, RollingResult,
                                  token_budget, truncate_at_stops)
 from harness.models.settings import EndpointSettings
-from harness.serving.client import Endpoint, EndpointError
-from harness.serving.server_info import probe_server
+from harness.serving.client import EndpointError
+from harness.serving.server_info import connect
 
 CHAT_KEY = "chat_messages"
 SAMPLING_KWARGS = ("temperature", "top_p")
@@ -62,9 +62,7 @@ class EndpointLM(LanguageModel):
 
     def __init__(self, settings: EndpointSettings, *, batch_size: int | str = 16):
         self.settings = settings
-        self.endpoint = Endpoint(settings.base_url, api_key_env=settings.api_key_env, timeout=settings.timeout,
-                                 max_retries=settings.max_retries)
-        self.server = probe_server(self.endpoint, settings.model, settings.server_hardware)
+        self.endpoint, self.server = connect(settings)
         self.model = self.server["model"]
         self.name = self.model
         self.is_diffusion = settings.family == "diffusion"
@@ -100,10 +98,18 @@ class EndpointLM(LanguageModel):
     # ---- tokens --------------------------------------------------------------------------------
     def server_tokenizes(self) -> bool:
         try:
-            return isinstance(self.endpoint.post("/tokenize", {"model": self.model, "prompt": "a",
-                                                               "add_special_tokens": False}, root=True).get("tokens"), list)
+            self.server_tokens("a")
         except EndpointError:
             return False
+        return True
+
+    def server_tokens(self, text: str) -> list[int]:
+        """The server's ``/tokenize`` of ``text`` without special tokens (vLLM's route)."""
+        tokens = self.endpoint.post("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False},
+                                    root=True).get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise EndpointError(f"endpoint {self.settings.base_url}: /tokenize answered without token ids")
+        return tokens
 
     def encode(self, text: str) -> list[int]:
         """Token ids without special tokens (the local tokenizer's, else the server's)."""
@@ -112,11 +118,7 @@ class EndpointLM(LanguageModel):
         if self.token_source is None:
             raise HarnessError(f"counting tokens needs a tokenizer: {self.settings.base_url} has no /tokenize; "
                                f"give --model_args tokenizer=DIR_OR_HUB_ID")
-        tokens = self.endpoint.post("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False},
-                                    root=True).get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-            raise EndpointError(f"endpoint {self.settings.base_url}: /tokenize answered without token ids")
-        return tokens
+        return self.server_tokens(text)
 
     def prompt(self, text: str, budget: int) -> str | list[int]:
         """The prompt as token ids cut to fit ``budget`` new tokens (text without a tokenizer)."""
@@ -225,18 +227,11 @@ class EndpointLM(LanguageModel):
 
 def load_tokenizer(source: str):
     """A Hugging Face tokenizer from a directory, a hub id or a model card's weights."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
+    import os
 
     from harness.catalog import catalog
-    from harness.models.loading import resolve_weights
+    from harness.models import loading
 
     models = catalog().models
-    weights = resolve_weights(models.get(source).weights) if source in models else source
-    local = Path(weights).expanduser().exists()
-    try:
-        return AutoTokenizer.from_pretrained(weights, local_files_only=local)
-    except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise HarnessError(f"cannot load the tokenizer '{source}': {first}") from exc
+    return loading.load_tokenizer(loading.resolve_weights(models.get(source).weights) if source in models
+                                  else os.path.expanduser(source))

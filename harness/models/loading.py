@@ -10,8 +10,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from harness.errors import HarnessError
 
@@ -116,16 +117,31 @@ def load_causal_lm(weights: str, dtype: str = "float32", device: str = "cpu"):
 def load_pretrained(weights: str, model_class: Any, what: str, *, dtype: str = "float32", device: str = "cpu"):
     """``model_class.from_pretrained`` and its tokenizer, local files only for a directory or offline;
     a failure is one line naming ``what`` was loaded."""
+    tokenizer = load_tokenizer(weights, what)
+    with loading(weights, what):
+        model = model_class.from_pretrained(weights, dtype=torch_dtype(dtype), **local_only(weights))
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def load_tokenizer(weights: str, what: str = "a tokenizer"):
+    """The tokenizer of a directory or hub id, local files only as ``load_pretrained`` reads them."""
     from transformers import AutoTokenizer
 
-    kwargs: dict[str, Any] = {}
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or Path(weights).exists():
-        kwargs["local_files_only"] = True
+    with loading(weights, what):
+        return AutoTokenizer.from_pretrained(weights, **local_only(weights))
+
+
+def local_only(weights: str) -> dict[str, Any]:
+    """``local_files_only`` for a directory, or when the hub is off."""
+    return {"local_files_only": True} if os.environ.get("HF_HUB_OFFLINE") == "1" or Path(weights).exists() else {}
+
+
+@contextmanager
+def loading(weights: str, what: str) -> Iterator[None]:
+    """A failure to load as one line naming ``what`` was loaded from where."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(weights, **kwargs)
-        model = model_class.from_pretrained(weights, dtype=torch_dtype(dtype), **kwargs)
+        yield
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HarnessError(f"cannot load {what} from '{weights}': {first}") from exc
-    model.to(device).eval()
-    return model, tokenizer

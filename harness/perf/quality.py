@@ -33,22 +33,31 @@ def metric_names(task) -> list[str]:
 def quality(lm, variant, setting, spec: dict[str, Any], *, name: str, seed: int, device: str,
             data_dir: Path | None, output: Path, memo: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The quality task's score for ``variant`` at ``setting`` (one eval run per backend setting)."""
-    from harness.catalog import catalog
     from harness.hashing import stable_hash
     from harness.plan import RunConfig
-    from harness.runner import evaluate
 
     variant.configure(setting)
     key = stable_hash(variant.describe(setting) | {"use_cache": None})  # the cache changes speed, not text
     if key not in memo:
-        task = spec["task"]
-        config = RunConfig(model=name, tasks=[task], limit=spec.get("limit"), seed=seed, device=device,
-                           dtype=lm.dtype, data_dir=data_dir, output=output,
-                           task_options={task: spec["task_options"]} if spec.get("task_options") else {})
-        results = evaluate(config, model=lm)
-        metric = spec.get("metric") or metric_names(catalog().task(task, data_dir))[0]
-        scores = results["results"][task]
-        memo[key] = {"task": task, "metric": metric, "value": scores[f"{metric},none"],
-                     "stderr": scores.get(f"{metric}_stderr,none"), "n": results["n-samples"][task]["effective"],
-                     "run_id": results["harness"]["run_id"]}
+        memo[key] = task_quality(RunConfig(model=name, tasks=[spec["task"]], seed=seed, device=device,
+                                           dtype=lm.dtype, data_dir=data_dir, output=output), spec, model=lm)
     return memo[key]
+
+
+def task_quality(config, spec: dict[str, Any], model=None) -> dict[str, Any]:
+    """``spec``'s task scored by an eval run of ``config`` (its limit and task options from ``spec``;
+    ``model``: a backend already built): {task, metric, value, stderr, n, run_id}."""
+    from dataclasses import replace
+
+    from harness.catalog import catalog
+    from harness.runner import evaluate
+
+    task = spec["task"]
+    config = replace(config, tasks=[task], limit=spec.get("limit"),
+                     task_options={task: spec["task_options"]} if spec.get("task_options") else {})
+    results = evaluate(config, model=model)
+    metric = spec.get("metric") or metric_names(catalog().task(task, config.data_dir))[0]
+    scores = results["results"][task]
+    return {"task": task, "metric": metric, "value": scores[f"{metric},none"],
+            "stderr": scores.get(f"{metric}_stderr,none"), "n": results["n-samples"][task]["effective"],
+            "run_id": results["harness"]["run_id"]}

@@ -1,11 +1,11 @@
 """``harness bench --endpoint URL``: the serving benchmark of an OpenAI-compatible endpoint.
 
     harness bench --endpoint http://127.0.0.1:8000/v1 --suite serving-quick
-    harness bench --endpoint http://gpu-box:8000/v1 --concurrency 1,8,32 --request-rates 2,8 --server-hardware 8xH20
+    harness bench --endpoint http://gpu-box:8000/v1 --concurrency 1,8,32 --request-rates 2,8 --endpoint-args server_hardware=8xH20
 
 The options come from ``harness.perf.serving_run.DEFAULTS``, then the serving suite's ``options``,
 then the command line. The server is asked what it is (``harness.serving.server_info``); records
-carry that, the server's hardware (reported, else ``--server-hardware``, else unknown) and the
+carry that, the server's hardware (reported, else ``server_hardware`` of ``--endpoint-args``, else unknown) and the
 client machine's fingerprint. With ``options.quality`` ({task, limit, metric}) the endpoint is also
 scored on that task (an eval run of ``openai:URL``) and the score goes into every record, for the
 report's speed-quality view.
@@ -34,56 +34,36 @@ def serving_suite_options(suite: str | None) -> dict[str, Any]:
     return options
 
 
-def client_fingerprint() -> dict[str, Any]:
-    """The machine that sends the requests: its hardware and the harness's packages."""
-    from harness.env import environment
-
-    env = environment()
-    return {**env["hardware"], "python": env["python"], "packages": env["packages"], "git_sha": env["git_sha"]}
-
-
 def bench_serving(url: str, suite: str | None, overrides: dict[str, Any], *, model_args: dict[str, Any],
                   output: Path, seed: int, data_dir: Path | None,
                   log: Callable[[str], Any]) -> tuple[str, list[dict[str, Any]]]:
     """Probe the endpoint, score the quality task if asked, and measure every setting."""
+    from harness.env import environment
     from harness.models.settings import settings_for
     from harness.perf.quality import check_quality
     from harness.perf.serving_run import bench_endpoint, serving_options
-    from harness.serving.client import Endpoint
-    from harness.serving.server_info import probe_server
+    from harness.serving.server_info import connect
 
     options = serving_options({**serving_suite_options(suite), **overrides})
     check_quality(options["quality"], data_dir)
     settings = settings_for("endpoint", {**model_args, "base_url": url})
-    endpoint = Endpoint(settings.base_url, api_key_env=settings.api_key_env, timeout=settings.timeout,
-                        max_retries=settings.max_retries)
-    server = probe_server(endpoint, settings.model, settings.server_hardware)
+    endpoint, server = connect(settings)
     log(f"{server['model']} served by {server['engine']} {server['version'] or ''} at {settings.base_url}")
     quality = served_quality(url, model_args, options["quality"], seed=seed, data_dir=data_dir,
                              output=output) if options["quality"] else None
     return bench_endpoint(endpoint, options, model=server["model"], server=server, hardware=server["hardware"],
-                          client=client_fingerprint(), output=output, seed=seed, data_dir=data_dir, suite=suite,
+                          env=environment(), output=output, seed=seed, data_dir=data_dir, suite=suite,
                           quality=quality, log=log)
 
 
 def served_quality(url: str, model_args: dict[str, Any], spec: dict[str, Any], *, seed: int, data_dir: Path | None,
                    output: Path) -> dict[str, Any]:
     """The endpoint's score on the quality task: an eval run of ``openai:URL`` (resumed when stored)."""
-    from harness.catalog import catalog
-    from harness.perf.quality import metric_names
+    from harness.perf.quality import task_quality
     from harness.plan import RunConfig
-    from harness.runner import evaluate
 
-    task = spec["task"]
-    config = RunConfig(model=f"openai:{url}", tasks=[task], limit=spec.get("limit"), seed=seed, data_dir=data_dir,
-                       output=output, model_args=model_args,
-                       task_options={task: spec["task_options"]} if spec.get("task_options") else {})
-    results = evaluate(config)
-    metric = spec.get("metric") or metric_names(catalog().task(task, data_dir))[0]
-    scores = results["results"][task]
-    return {"task": task, "metric": metric, "value": scores[f"{metric},none"],
-            "stderr": scores.get(f"{metric}_stderr,none"), "n": results["n-samples"][task]["effective"],
-            "run_id": results["harness"]["run_id"]}
+    return task_quality(RunConfig(model=f"openai:{url}", tasks=[spec["task"]], seed=seed, data_dir=data_dir,
+                                  output=output, model_args=model_args), spec)
 
 
 def bench_serving_command(url: str, suite: str | None, overrides: dict[str, Any], model_args: dict[str, Any], *,

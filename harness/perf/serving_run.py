@@ -135,11 +135,12 @@ def serving_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_endpoint(endpoint, options: dict[str, Any], *, model: str, server: dict[str, Any],
-                   hardware: dict[str, Any], client: dict[str, Any], output: Path, seed: int,
+                   hardware: dict[str, Any], env: dict[str, Any], output: Path, seed: int,
                    data_dir: Path | None, suite: str | None, quality: dict[str, Any] | None = None,
                    log: Callable[[str], Any] = print) -> tuple[str, list[dict[str, Any]]]:
     """Measure every setting not yet stored into the endpoint's serving run; (run id, its records).
-    ``quality``: the endpoint's score on the quality task, put in every new record."""
+    ``env``: the client machine's ``harness.env.environment()``; ``quality``: the endpoint's score
+    on the quality task, put in every new record."""
     from harness.runner import slug
     from harness.store import Store, default_store_path, write_jsonl_atomic
 
@@ -152,15 +153,15 @@ def bench_endpoint(endpoint, options: dict[str, Any], *, model: str, server: dic
     store.start_run(run_id, model=model, config={"suite": suite, **identity},
                     fingerprint={"name": model, "backend": server.get("engine"), "served": True,
                                  "endpoint": endpoint.base_url, "server": server},
-                    env={"hardware": client, "packages": client.get("packages") or {}, "git_sha": client.get("git_sha"),
-                         "python": client.get("python")}, output_dir=str(output / run_id), kind="serving")
+                    env=env, output_dir=str(output / run_id), kind="serving")
     stored = {r.get("key") for r in store.measurements(run_id)}
     todo = [s for s in serving_settings(options) if stable_hash(s.recorded()) not in stored]
     prompts, source = prompt_set(data_dir, options["num_prompts"], options["input_words"],
                                  options["output_tokens"], seed)
     base = {"kind": "serving", "model": model, "backend": server.get("engine"), "served": True,
             "endpoint": endpoint.base_url, "api": options["api"], "dtype": server.get("dtype") or "—",
-            "stream_unit": options["stream_unit"], "hardware": hardware, "client": client, "server": server,
+            "stream_unit": options["stream_unit"], "hardware": hardware, "client": client_fingerprint(env),
+            "server": server,
             "prompt_source": source, "prompts_hash": prompts_hash(prompts), "seed": seed,
             **({"quality": quality} if quality else {})}
     missing = 0
@@ -181,6 +182,12 @@ def bench_endpoint(endpoint, options: dict[str, Any], *, model: str, server: dic
     (output / run_id).mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(output / run_id / "measurements.jsonl", records)
     return run_id, records
+
+
+def client_fingerprint(env: dict[str, Any]) -> dict[str, Any]:
+    """The machine that sends the requests, for every record: its hardware and the harness's packages."""
+    return {**(env.get("hardware") or {}), "python": env.get("python"), "packages": env.get("packages") or {},
+            "git_sha": env.get("git_sha")}
 
 
 def warm_up(endpoint, options: dict[str, Any], model: str, prompts: Sequence[ServingPrompt],

@@ -19,6 +19,13 @@ ENGINES = {"vllm": "vllm", "sglang": "sglang", "dlm-harness": "harness-reference
 INFO_ROUTES = ("/server_info", "/get_server_info")
 
 
+def connect(settings) -> tuple[Endpoint, dict[str, Any]]:
+    """The endpoint of ``EndpointSettings`` and what its server reports."""
+    endpoint = Endpoint(settings.base_url, api_key_env=settings.api_key_env, timeout=settings.timeout,
+                        max_retries=settings.max_retries)
+    return endpoint, probe_server(endpoint, settings.model, settings.server_hardware)
+
+
 def probe_server(endpoint: Endpoint, model: str | None = None, declared_hardware: str | None = None) -> dict[str, Any]:
     """{engine, version, model, models, max_model_len, dtype, hardware} of the server; ``model``:
     the served model to use (None: the server's only one)."""
@@ -37,10 +44,10 @@ def probe_server(endpoint: Endpoint, model: str | None = None, declared_hardware
     version = endpoint.get("/version", root=True) or {}
     engine = str(info.get("engine") or version.get("engine") or ENGINES.get(str(entry.get("owned_by")), "")
                  or "openai-compatible")
-    return {"engine": engine, "version": text(version.get("version") or info.get("version")),
-            "model": entry["id"], "models": ids, "root": text(entry.get("root")),
+    return {"engine": engine, "version": short_text(version.get("version") or info.get("version")),
+            "model": entry["id"], "models": ids, "root": short_text(entry.get("root")),
             "max_model_len": number(entry.get("max_model_len") or info.get("max_model_len")),
-            "dtype": text(info.get("dtype")), "hardware": server_hardware(info.get("hardware"), declared_hardware)}
+            "dtype": short_text(info.get("dtype")), "hardware": server_hardware(info.get("hardware"), declared_hardware)}
 
 
 def server_hardware(reported: Any, declared: str | None) -> dict[str, Any]:
@@ -53,13 +60,13 @@ def server_hardware(reported: Any, declared: str | None) -> dict[str, Any]:
     return {"source": "unknown"}
 
 
-def declared_hardware(text_: str) -> dict[str, Any]:
+def declared_hardware(declared: str) -> dict[str, Any]:
     """``8xH20`` or ``8 x H20`` -> 8 GPUs named H20; anything else is one accelerator of that name."""
-    match = re.fullmatch(r"\s*(\d+)\s*[x×*]\s*(.+?)\s*", text_)
-    return {"gpu": match.group(2), "gpu_count": int(match.group(1))} if match else {"gpu": text_.strip(), "gpu_count": 1}
+    match = re.fullmatch(r"\s*(\d+)\s*[x×*]\s*(.+?)\s*", declared)
+    return {"gpu": match.group(2), "gpu_count": int(match.group(1))} if match else {"gpu": declared.strip(), "gpu_count": 1}
 
 
-def text(value: Any) -> str | None:
+def short_text(value: Any) -> str | None:
     return str(value)[:200] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
 
 
